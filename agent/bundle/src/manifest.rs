@@ -1,0 +1,303 @@
+//! The bundle manifest: what a bundle holds and how it must be run. Signed as canonical CBOR.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const MANIFEST_TYPE: &str = "flotilla/bundle";
+pub const MANIFEST_SCHEMA: u32 = 1;
+/// Most artifacts one bundle may list.
+pub const MAX_ARTIFACTS: usize = 64;
+/// Most tensors in a model signature.
+pub const MAX_TENSORS: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema: u32,
+    pub name: String,
+    /// Monotonic per name; agents refuse to go below the highest version they accepted.
+    pub version: u64,
+    /// Seconds since the Unix epoch; also feeds the agent's trusted clock.
+    pub created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    pub model: ModelSignature,
+    pub artifacts: Vec<Artifact>,
+    #[serde(default)]
+    pub target: Target,
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+    #[serde(default)]
+    pub health: HealthChecks,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    Onnx,
+    Tflite,
+}
+
+impl ModelFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Tflite => "tflite",
+        }
+    }
+
+    pub fn media_type(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "application/onnx",
+            ModelFormat::Tflite => "application/vnd.tflite",
+        }
+    }
+}
+
+/// The model's inputs and outputs as the agent will enforce them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSignature {
+    pub format: ModelFormat,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+/// Element types, spelled as in the Open Inference Protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    #[serde(rename = "FP32")]
+    F32,
+    #[serde(rename = "FP16")]
+    F16,
+    #[serde(rename = "FP64")]
+    F64,
+    #[serde(rename = "INT8")]
+    I8,
+    #[serde(rename = "UINT8")]
+    U8,
+    #[serde(rename = "INT16")]
+    I16,
+    #[serde(rename = "INT32")]
+    I32,
+    #[serde(rename = "INT64")]
+    I64,
+    #[serde(rename = "BOOL")]
+    Bool,
+}
+
+impl DType {
+    /// The Open Inference Protocol spelling (`FP32`, `INT64`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "FP32",
+            DType::F16 => "FP16",
+            DType::F64 => "FP64",
+            DType::I8 => "INT8",
+            DType::U8 => "UINT8",
+            DType::I16 => "INT16",
+            DType::I32 => "INT32",
+            DType::I64 => "INT64",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        [DType::F32, DType::F16, DType::F64, DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::Bool]
+            .into_iter()
+            .find(|d| d.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// A dimension: fixed, or symbolic (e.g. batch `N`) and resolved per request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(u64),
+    Symbolic(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Model,
+    Baseline,
+    Golden,
+    Labels,
+}
+
+/// How an artifact's stored bytes turn into its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Encoding {
+    /// One zstd frame.
+    Zstd,
+    /// A zstd frame compressed with the base content as reference prefix (`zstd --patch-from`).
+    ZstdPatch { base_sha256: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Label only: validated, never used as a path.
+    pub name: String,
+    pub role: Role,
+    pub media_type: String,
+    pub encoding: Encoding,
+    /// Offset of the stored bytes from the start of the bundle's data section.
+    pub offset: u64,
+    pub stored_size: u64,
+    /// Hex SHA-256 of the stored (compressed) bytes: checked before decompression.
+    pub stored_sha256: String,
+    /// Size of the content; decompression stops here.
+    pub size: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// Allowed CPU architectures (`x86_64`, `aarch64`, `arm`); empty means any.
+    #[serde(default)]
+    pub arch: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeSettings {
+    /// Backend preference, best first (`tract-onnx`, `tflite`, ...); empty means the agent's default.
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
+    /// When true, running without the requested accelerator is a failed install.
+    #[serde(default)]
+    pub accelerator_required: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthChecks {
+    /// Largest absolute difference allowed between golden outputs and the device's outputs.
+    pub golden_tolerance: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_budget_us: Option<u64>,
+    pub warmup_runs: u32,
+}
+
+impl Default for HealthChecks {
+    fn default() -> Self {
+        HealthChecks { golden_tolerance: 1e-4, latency_budget_us: None, warmup_runs: 2 }
+    }
+}
+
+impl Manifest {
+    pub fn artifact(&self, role: Role) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.role == role)
+    }
+
+    /// Structural checks that need no keys: everything an agent must know before using a field.
+    pub fn check(&self) -> Result<()> {
+        if self.kind != MANIFEST_TYPE {
+            return Err(Error::malformed("manifest", format!("type is {:?}, expected {MANIFEST_TYPE:?}", self.kind)));
+        }
+        if self.schema != MANIFEST_SCHEMA {
+            return Err(Error::UnsupportedSchema { what: "manifest", found: self.schema, supported: MANIFEST_SCHEMA });
+        }
+        check_label("model name", &self.name)?;
+        if self.artifacts.len() > MAX_ARTIFACTS {
+            return Err(Error::TooLarge {
+                what: "artifact list",
+                size: self.artifacts.len() as u64,
+                limit: MAX_ARTIFACTS as u64,
+            });
+        }
+        if self.model.inputs.len() + self.model.outputs.len() > MAX_TENSORS {
+            return Err(Error::TooLarge {
+                what: "model signature",
+                size: (self.model.inputs.len() + self.model.outputs.len()) as u64,
+                limit: MAX_TENSORS as u64,
+            });
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for a in &self.artifacts {
+            validate_artifact_name(&a.name)?;
+            if !names.insert(a.name.as_str()) {
+                return Err(Error::Artifact { name: a.name.clone(), detail: "listed twice".into() });
+            }
+            for d in [&a.sha256, &a.stored_sha256] {
+                if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                    return Err(Error::Artifact { name: a.name.clone(), detail: format!("bad sha256 {d:?}") });
+                }
+            }
+            a.offset
+                .checked_add(a.stored_size)
+                .ok_or_else(|| Error::Artifact { name: a.name.clone(), detail: "offset + size overflows".into() })?;
+        }
+        if self.artifact(Role::Model).is_none() {
+            return Err(Error::malformed("manifest", "no artifact with role model"));
+        }
+        Ok(())
+    }
+}
+
+/// Artifact names are labels. They are checked so that no consumer is tempted to trust them.
+pub fn validate_artifact_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'_')
+        && !name.contains("..");
+    if ok { Ok(()) } else { Err(Error::BadArtifactName { name: name.into() }) }
+}
+
+/// Model names follow the same rule (they appear in URLs and topics).
+pub fn check_label(what: &'static str, name: &str) -> Result<()> {
+    validate_artifact_name(name).map_err(|_| {
+        Error::malformed(what, format!("{name:?} must be 1-64 chars of [a-z0-9._-] starting with a letter or digit"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_names() {
+        for good in ["model", "model.onnx", "golden-1", "a_b"] {
+            validate_artifact_name(good).unwrap();
+        }
+        for bad in ["", "../x", "a/b", "/etc/passwd", ".hidden", "A", "x..y", "a\\b", &"x".repeat(65)] {
+            assert!(validate_artifact_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dims_encode_as_int_or_text() {
+        let shape = vec![Dim::Symbolic("N".into()), Dim::Fixed(8)];
+        let bytes = crate::canonical::to_vec(&shape).unwrap();
+        assert_eq!(bytes, [0x82, 0x61, b'N', 0x08]);
+        let back: Vec<Dim> = crate::canonical::from_slice("shape", &bytes, 64).unwrap();
+        assert_eq!(back, shape);
+    }
+}

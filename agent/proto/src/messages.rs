@@ -1,0 +1,210 @@
+//! Payload bodies. Adding an optional field is compatible; anything else bumps [`crate::SCHEMA`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Sent on every connect: who the device is and what it can run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_version: String,
+    pub arch: String,
+    pub os: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    /// Backends this agent can run (`tract-onnx`, `tflite`, ...).
+    pub runtimes: Vec<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Retained per device. The last will is `State { online: false, models: None }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub online: bool,
+    /// None means "unchanged" (the last will cannot know the models).
+    #[serde(default)]
+    pub models: Option<Vec<ModelState>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelState {
+    pub name: String,
+    pub version: u64,
+    /// Hex SHA-256 of the signed manifest bytes.
+    pub manifest_sha256: String,
+    /// The backend that actually runs it, e.g. `tract-onnx`.
+    pub backend: String,
+    /// `active` for now; later also `baking`.
+    pub status: String,
+}
+
+/// Install progress and results; the acknowledgement of every command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The offer's manifest verified and the download started (or resumed).
+    InstallAccepted {
+        offer_id: String,
+        name: String,
+        version: u64,
+    },
+    InstallProgress {
+        offer_id: String,
+        received: u64,
+        total: u64,
+    },
+    /// Verified, self-tested and active.
+    InstallSucceeded {
+        offer_id: String,
+        name: String,
+        version: u64,
+        backend: String,
+        self_test_ms: u64,
+    },
+    /// Nothing changed on the device: the previous model (if any) is still active.
+    InstallFailed {
+        offer_id: String,
+        name: String,
+        version: u64,
+        stage: InstallStage,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallStage {
+    Offered,
+    Downloading,
+    Verifying,
+    Staged,
+    SelfTesting,
+    Activating,
+}
+
+impl InstallStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstallStage::Offered => "offered",
+            InstallStage::Downloading => "downloading",
+            InstallStage::Verifying => "verifying",
+            InstallStage::Staged => "staged",
+            InstallStage::SelfTesting => "self_testing",
+            InstallStage::Activating => "activating",
+        }
+    }
+}
+
+/// Control plane → device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    Install(InstallOffer),
+}
+
+/// An offer to install a bundle. It carries the signed envelope so the device can refuse an
+/// untrusted bundle before downloading a byte of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstallOffer {
+    /// Idempotency key: the same offer id twice is one install.
+    pub offer_id: String,
+    #[serde(default)]
+    pub rollout_id: Option<String>,
+    /// Hex SHA-256 of the whole bundle file as served (what chunks address).
+    pub bundle_id: String,
+    pub name: String,
+    pub version: u64,
+    pub size: u64,
+    /// The bundle's header and envelope bytes (signed manifest + signatures).
+    #[serde(with = "serde_bytes")]
+    pub head: Vec<u8>,
+    pub chunk_size: u32,
+    /// HTTP(S) URL serving the same bytes with Range support, when there is one.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// Device asks for `len` bytes of a bundle at `offset`; answered on the device's chunk topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub bundle_id: String,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub bundle_id: String,
+    pub offset: u64,
+    pub total: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// Set when the request could not be served (unknown bundle, bad range).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Msg, ProtoError, decode, encode};
+
+    #[test]
+    fn codec_round_trips() {
+        let offer = Msg::new(
+            "m1",
+            1_700_000_000_000,
+            Command::Install(InstallOffer {
+                offer_id: "r1/dev".into(),
+                rollout_id: Some("r1".into()),
+                bundle_id: "ab".repeat(32),
+                name: "digits".into(),
+                version: 3,
+                size: 12345,
+                head: vec![1, 2, 3],
+                chunk_size: 262144,
+                url: None,
+            }),
+        );
+        let bytes = encode(&offer);
+        assert_eq!(decode::<Command>(&bytes).unwrap(), offer);
+
+        let ev = Msg::new(
+            "m2",
+            5,
+            Event::InstallFailed {
+                offer_id: "o".into(),
+                name: "n".into(),
+                version: 1,
+                stage: InstallStage::Verifying,
+                reason: "bad signature".into(),
+            },
+        );
+        assert_eq!(decode::<Event>(&encode(&ev)).unwrap(), ev);
+
+        let chunk =
+            Msg::new("m3", 6, Chunk { bundle_id: "x".into(), offset: 7, total: 9, data: vec![0; 300], error: None });
+        let bytes = encode(&chunk);
+        // Data travels as a CBOR byte string, not an array of integers.
+        assert!(bytes.len() < 400, "{}", bytes.len());
+        assert_eq!(decode::<Chunk>(&bytes).unwrap(), chunk);
+    }
+
+    #[test]
+    fn newer_schema_and_garbage_are_refused() {
+        let mut m = Msg::new("m", 1, FetchRequest { bundle_id: "b".into(), offset: 0, len: 1 });
+        m.v = 99;
+        assert!(matches!(decode::<FetchRequest>(&encode(&m)), Err(ProtoError::Schema { found: 99, .. })));
+        assert!(matches!(decode::<FetchRequest>(&[0xff, 0x00, 0x13]), Err(ProtoError::Malformed(_))));
+        let ok = Msg::new("m", 1, FetchRequest { bundle_id: "b".into(), offset: 0, len: 1 });
+        // A message of the wrong type is malformed, not misread.
+        assert!(matches!(decode::<Chunk>(&encode(&ok)), Err(ProtoError::Malformed(_))));
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_parsing() {
+        let big = vec![0u8; crate::MAX_PAYLOAD + 1];
+        assert!(matches!(decode::<Hello>(&big), Err(ProtoError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,117 @@
+//! Model runtimes behind one [`Backend`] trait.
+//!
+//! A backend turns model bytes plus the manifest's signature into a [`LoadedModel`]; the agent
+//! never sees a runtime's own types. Panics inside a runtime are contained here, at the boundary,
+//! and become errors: a bad model must not take the agent down.
+
+pub mod error;
+pub mod tensor;
+pub mod tract_onnx;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use flotilla_bundle::manifest::{ModelFormat, ModelSignature, RuntimeSettings};
+
+pub use error::RuntimeError;
+pub use tensor::{Tensor, TensorData, check_inputs};
+
+pub trait Backend: Send + Sync {
+    /// Stable name reported to the control plane and in `/v2/models/{name}` (`platform`).
+    fn name(&self) -> &'static str;
+    fn supports(&self, format: ModelFormat) -> bool;
+    fn load(
+        &self,
+        model: &[u8],
+        sig: &ModelSignature,
+        settings: &RuntimeSettings,
+    ) -> Result<Box<dyn LoadedModel>, RuntimeError>;
+}
+
+pub trait LoadedModel: Send + Sync {
+    /// What actually runs the model (e.g. `tract-onnx`).
+    fn backend(&self) -> &str;
+    /// Run on inputs already checked and ordered by [`check_inputs`].
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// The backends this build has, in default preference order.
+pub struct Runtimes {
+    backends: Vec<Box<dyn Backend>>,
+}
+
+impl std::fmt::Debug for Runtimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl Default for Runtimes {
+    fn default() -> Self {
+        Runtimes { backends: vec![Box::new(tract_onnx::TractOnnx)] }
+    }
+}
+
+impl Runtimes {
+    pub fn names(&self) -> Vec<&'static str> {
+        self.backends.iter().map(|b| b.name()).collect()
+    }
+
+    /// Load with the first backend that is in the bundle's preference list (or any, when the list
+    /// is empty) and supports the format. Backend errors and panics are reported, not hidden.
+    pub fn load(
+        &self,
+        model: &[u8],
+        sig: &ModelSignature,
+        settings: &RuntimeSettings,
+    ) -> Result<Box<dyn LoadedModel>, RuntimeError> {
+        let mut candidates: Vec<&dyn Backend> = Vec::new();
+        if settings.backends.is_empty() {
+            candidates.extend(self.backends.iter().map(|b| b.as_ref()));
+        } else {
+            for pref in &settings.backends {
+                candidates.extend(self.backends.iter().filter(|b| b.name() == pref).map(|b| b.as_ref()));
+            }
+        }
+        candidates.retain(|b| b.supports(sig.format));
+        let mut errors = Vec::new();
+        for b in candidates {
+            match contain(b.name(), || b.load(model, sig, settings)) {
+                Ok(m) => return Ok(m),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            Err(RuntimeError::NoBackend(format!(
+                "{} models with preference {:?} (this agent has {:?})",
+                sig.format.as_str(),
+                settings.backends,
+                self.names()
+            )))
+        } else {
+            Err(RuntimeError::Unsupported(errors.join("; ")))
+        }
+    }
+}
+
+/// Run `f`, turning a panic into an error naming the backend.
+pub fn contain<T>(backend: &'static str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(RuntimeError::Unsupported(format!("{backend} panicked: {msg}")))
+        }
+    }
+}
+
+/// Run a loaded model with panics contained.
+pub fn run(model: &dyn LoadedModel, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+    match catch_unwind(AssertUnwindSafe(|| model.run(inputs))) {
+        Ok(r) => r,
+        Err(_) => Err(RuntimeError::Run { backend: "runtime", detail: format!("{} panicked", model.backend()) }),
+    }
+}

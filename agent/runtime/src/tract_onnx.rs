@@ -1,0 +1,193 @@
+//! The tract-onnx backend: pure Rust, always available.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use flotilla_bundle::manifest::{DType, Dim, ModelFormat, ModelSignature, RuntimeSettings, TensorSpec};
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use crate::error::RuntimeError;
+use crate::tensor::{Tensor as FTensor, TensorData};
+use crate::{Backend, LoadedModel};
+
+pub const NAME: &str = "tract-onnx";
+
+#[derive(Debug, Default)]
+pub struct TractOnnx;
+
+impl Backend for TractOnnx {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn supports(&self, format: ModelFormat) -> bool {
+        format == ModelFormat::Onnx
+    }
+
+    fn load(
+        &self,
+        model: &[u8],
+        sig: &ModelSignature,
+        _settings: &RuntimeSettings,
+    ) -> Result<Box<dyn LoadedModel>, RuntimeError> {
+        let err = |e: TractError| RuntimeError::Load { backend: NAME, detail: format!("{e:#}") };
+        let mut m = tract_onnx::onnx().model_for_read(&mut Cursor::new(model)).map_err(err)?;
+        let input_names: Vec<String> =
+            m.input_outlets().map_err(err)?.iter().map(|o| m.node(o.node).name.clone()).collect();
+        // Pin each input's fact to the manifest's signature (dims pinned at build time stay pinned;
+        // symbolic dims become tract symbols resolved per request).
+        for spec in &sig.inputs {
+            let ix = input_names.iter().position(|n| *n == spec.name).ok_or_else(|| RuntimeError::Load {
+                backend: NAME,
+                detail: format!("manifest input {:?} is not an input of the model ({input_names:?})", spec.name),
+            })?;
+            let dims: TVec<TDim> = spec
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => TDim::from(*n as i64),
+                    Dim::Symbolic(s) => m.symbols.sym(s).into(),
+                })
+                .collect();
+            m.set_input_fact(ix, InferenceFact::dt_shape(datum_type(spec.dtype)?, dims)).map_err(err)?;
+        }
+        let plan = m.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+        let output_names = sig.outputs.iter().map(|o| o.name.clone()).collect();
+        let input_order =
+            sig.inputs.iter().map(|s| input_names.iter().position(|n| *n == s.name).unwrap_or(0)).collect();
+        Ok(Box::new(TractModel { plan, output_names, input_order }))
+    }
+}
+
+struct TractModel {
+    plan: Arc<TypedRunnableModel>,
+    output_names: Vec<String>,
+    /// Position in the model's input list of each manifest input.
+    input_order: Vec<usize>,
+}
+
+impl LoadedModel for TractModel {
+    fn backend(&self) -> &str {
+        NAME
+    }
+
+    fn run(&self, inputs: Vec<FTensor>) -> Result<Vec<FTensor>, RuntimeError> {
+        let mut slots: Vec<Option<TValue>> = vec![None; inputs.len()];
+        for (t, &ix) in inputs.into_iter().zip(&self.input_order) {
+            slots[ix] = Some(to_tract(t)?.into());
+        }
+        let inputs: TVec<TValue> = slots.into_iter().map(|s| s.expect("every input slot filled")).collect();
+        let outputs =
+            self.plan.run(inputs).map_err(|e| RuntimeError::Run { backend: NAME, detail: format!("{e:#}") })?;
+        outputs.iter().zip(&self.output_names).map(|(t, name)| from_tract(name, t)).collect()
+    }
+}
+
+fn datum_type(d: DType) -> Result<DatumType, RuntimeError> {
+    Ok(match d {
+        DType::F32 => f32::datum_type(),
+        DType::F64 => f64::datum_type(),
+        DType::F16 => return Err(RuntimeError::Unsupported("FP16 inputs".into())),
+        DType::I8 => i8::datum_type(),
+        DType::U8 => u8::datum_type(),
+        DType::I16 => i16::datum_type(),
+        DType::I32 => i32::datum_type(),
+        DType::I64 => i64::datum_type(),
+        DType::Bool => bool::datum_type(),
+    })
+}
+
+fn to_tract(t: FTensor) -> Result<Tensor, RuntimeError> {
+    let s = &t.shape;
+    let r = match &t.data {
+        TensorData::F32(v) => Tensor::from_shape(s, v),
+        TensorData::F64(v) => Tensor::from_shape(s, v),
+        TensorData::I64(v) => Tensor::from_shape(s, v),
+        TensorData::I32(v) => Tensor::from_shape(s, v),
+        TensorData::I16(v) => Tensor::from_shape(s, v),
+        TensorData::I8(v) => Tensor::from_shape(s, v),
+        TensorData::U8(v) => Tensor::from_shape(s, v),
+        TensorData::Bool(v) => Tensor::from_shape(s, v),
+    };
+    r.map_err(|e| RuntimeError::BadInput(format!("input {:?}: {e}", t.name)))
+}
+
+fn from_tract(name: &str, t: &Tensor) -> Result<FTensor, RuntimeError> {
+    let fail = |e: TractError| RuntimeError::Run { backend: NAME, detail: format!("reading output {name:?}: {e:#}") };
+    let view = t.try_as_plain_ram().map_err(fail)?;
+    let dt = t.datum_type();
+    let data = if dt == f32::datum_type() {
+        TensorData::F32(view.as_slice::<f32>().map_err(fail)?.to_vec())
+    } else if dt == f64::datum_type() {
+        TensorData::F64(view.as_slice::<f64>().map_err(fail)?.to_vec())
+    } else if dt == i64::datum_type() {
+        TensorData::I64(view.as_slice::<i64>().map_err(fail)?.to_vec())
+    } else if dt == i32::datum_type() {
+        TensorData::I32(view.as_slice::<i32>().map_err(fail)?.to_vec())
+    } else if dt == i16::datum_type() {
+        TensorData::I16(view.as_slice::<i16>().map_err(fail)?.to_vec())
+    } else if dt == i8::datum_type() {
+        TensorData::I8(view.as_slice::<i8>().map_err(fail)?.to_vec())
+    } else if dt == u8::datum_type() {
+        TensorData::U8(view.as_slice::<u8>().map_err(fail)?.to_vec())
+    } else if dt == bool::datum_type() {
+        TensorData::Bool(view.as_slice::<bool>().map_err(fail)?.to_vec())
+    } else {
+        return Err(RuntimeError::Unsupported(format!("output {name:?} has datum type {dt:?}")));
+    };
+    FTensor::new(name, t.shape().to_vec(), data)
+}
+
+/// Read an ONNX model's declared inputs and outputs (names, dtypes, shapes with `dim_param`s
+/// kept symbolic). Initializers listed as graph inputs (old exporters) are skipped.
+pub fn inspect_onnx(model: &[u8]) -> Result<ModelSignature, RuntimeError> {
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut Cursor::new(model))
+        .map_err(|e| RuntimeError::Unsupported(format!("not a readable ONNX model: {e:#}")))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| RuntimeError::Unsupported("ONNX model has no graph".into()))?;
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
+    let spec = |v: &pb::ValueInfoProto| -> Result<TensorSpec, RuntimeError> {
+        let Some(pb::type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return Err(RuntimeError::Unsupported(format!("{:?} is not a tensor", v.name)));
+        };
+        let dtype = onnx_dtype(tt.elem_type)
+            .ok_or_else(|| RuntimeError::Unsupported(format!("{:?} has ONNX element type {}", v.name, tt.elem_type)))?;
+        let shape = tt
+            .shape
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Unsupported(format!("{:?} has no declared shape", v.name)))?
+            .dim
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match &d.value {
+                Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => Dim::Fixed(*n as u64),
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
+                    Dim::Symbolic(p.clone())
+                }
+                // Unnamed unknown dims get a stable name of their own.
+                _ => Dim::Symbolic(format!("{}_{i}", v.name)),
+            })
+            .collect();
+        Ok(TensorSpec { name: v.name.clone(), dtype, shape })
+    };
+    let inputs =
+        graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(spec).collect::<Result<_, _>>()?;
+    let outputs = graph.output.iter().map(spec).collect::<Result<_, _>>()?;
+    Ok(ModelSignature { format: ModelFormat::Onnx, inputs, outputs })
+}
+
+fn onnx_dtype(t: i32) -> Option<DType> {
+    Some(match t {
+        1 => DType::F32,
+        2 => DType::U8,
+        3 => DType::I8,
+        5 => DType::I16,
+        6 => DType::I32,
+        7 => DType::I64,
+        9 => DType::Bool,
+        10 => DType::F16,
+        11 => DType::F64,
+        _ => return None,
+    })
+}

@@ -1,0 +1,76 @@
+//! Open Inference Protocol (KServe v2) REST types, as served by the agent on the device.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferTensor {
+    pub name: String,
+    pub shape: Vec<u64>,
+    /// `FP32`, `INT64`, ...
+    pub datatype: String,
+    /// Row-major elements, flat or nested.
+    pub data: serde_json::Value,
+}
+
+impl InferTensor {
+    /// The elements, flattening nested arrays. Booleans read as 0/1.
+    pub fn flat_numbers(&self) -> Result<Vec<f64>, String> {
+        fn walk(v: &serde_json::Value, out: &mut Vec<f64>) -> Result<(), String> {
+            match v {
+                serde_json::Value::Array(items) => items.iter().try_for_each(|i| walk(i, out)),
+                serde_json::Value::Number(n) => {
+                    out.push(n.as_f64().ok_or("number out of range")?);
+                    Ok(())
+                }
+                serde_json::Value::Bool(b) => {
+                    out.push(*b as u8 as f64);
+                    Ok(())
+                }
+                other => Err(format!("expected numbers, found {other}")),
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data, &mut out)?;
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub inputs: Vec<InferTensor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub outputs: Vec<InferTensor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: String,
+    /// -1 for a dimension resolved per request.
+    pub shape: Vec<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    /// The backend that actually runs the model (`tract-onnx`, ...).
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// `{"error": "..."}`, as the protocol specifies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub error: String,
+}

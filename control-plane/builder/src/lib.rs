@@ -1,0 +1,184 @@
+//! Building bundles from model files: read the model's signature, pin shapes the operator asks
+//! to pin, run golden inputs through the real runtime to record the self-test, and write the
+//! unsigned bundle. Used by `flotilla bundle build` (and later by the retraining pipeline).
+
+pub mod golden;
+pub mod npy;
+
+use std::collections::BTreeMap;
+
+use flotilla_bundle::manifest::{
+    Dim, HealthChecks, MANIFEST_SCHEMA, MANIFEST_TYPE, Manifest, ModelFormat, ModelSignature, Role, RuntimeSettings,
+    Target,
+};
+use flotilla_bundle::writer::{ArtifactInput, write_bundle};
+use flotilla_runtime::{Runtimes, Tensor, check_inputs};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Runtime(#[from] flotilla_runtime::RuntimeError),
+    #[error(transparent)]
+    Bundle(#[from] flotilla_bundle::Error),
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub name: String,
+    pub version: u64,
+    pub model: Vec<u8>,
+    /// `NAME → dims` pins, from `--input-shape NAME=1,24,24,3`.
+    pub input_shapes: BTreeMap<String, Vec<u64>>,
+    /// Golden cases: each a full set of model inputs.
+    pub golden: Vec<Vec<Tensor>>,
+    pub golden_tolerance: f64,
+    pub latency_budget_us: Option<u64>,
+    pub backends: Vec<String>,
+    /// Seconds since the epoch (the caller's clock).
+    pub created: u64,
+    pub expires: Option<u64>,
+    pub zstd_level: i32,
+}
+
+impl BuildOptions {
+    pub fn new(name: &str, version: u64, model: Vec<u8>, created: u64) -> Self {
+        BuildOptions {
+            name: name.into(),
+            version,
+            model,
+            input_shapes: BTreeMap::new(),
+            golden: Vec::new(),
+            golden_tolerance: HealthChecks::default().golden_tolerance,
+            latency_budget_us: None,
+            backends: Vec::new(),
+            created,
+            expires: None,
+            zstd_level: 19,
+        }
+    }
+}
+
+/// Detect the model format from its bytes (never from a file name).
+pub fn detect_format(model: &[u8]) -> Result<ModelFormat, BuildError> {
+    // TFLite flatbuffers carry the file identifier "TFL3" at offset 4.
+    if model.len() >= 8 && &model[4..8] == b"TFL3" {
+        return Ok(ModelFormat::Tflite);
+    }
+    // ONNX is a protobuf ModelProto: try to read it.
+    flotilla_runtime::tract_onnx::inspect_onnx(model).map(|_| ModelFormat::Onnx).map_err(|e| {
+        BuildError::Input(format!("the model is neither a TFLite flatbuffer nor a readable ONNX model ({e})"))
+    })
+}
+
+/// Parse `NAME=1,24,24,3`.
+pub fn parse_input_shape(s: &str) -> Result<(String, Vec<u64>), BuildError> {
+    let (name, dims) = s.split_once('=').ok_or_else(|| {
+        BuildError::Input(format!("--input-shape {s:?}: expected NAME=D1,D2,... e.g. input=1,24,24,3"))
+    })?;
+    let dims = dims
+        .split(',')
+        .map(|d| d.trim().parse::<u64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| BuildError::Input(format!("--input-shape {s:?}: dimensions must be whole numbers")))?;
+    Ok((name.trim().to_string(), dims))
+}
+
+/// Read the signature and apply pins.
+pub fn signature(opts: &BuildOptions) -> Result<ModelSignature, BuildError> {
+    let mut sig = match detect_format(&opts.model)? {
+        ModelFormat::Onnx => flotilla_runtime::tract_onnx::inspect_onnx(&opts.model)?,
+        ModelFormat::Tflite => {
+            return Err(BuildError::Input("TFLite models are not supported by this build yet; use ONNX".into()));
+        }
+    };
+    for (name, dims) in &opts.input_shapes {
+        let spec = sig.inputs.iter_mut().find(|i| &i.name == name).ok_or_else(|| {
+            let names: Vec<_> = opts.input_shapes.keys().collect();
+            BuildError::Input(format!(
+                "--input-shape names {name:?}, which is not a model input (inputs pinned: {names:?})"
+            ))
+        })?;
+        if dims.len() != spec.shape.len() {
+            return Err(BuildError::Input(format!(
+                "--input-shape {name}: model input has rank {}, got {} dims",
+                spec.shape.len(),
+                dims.len()
+            )));
+        }
+        for (have, want) in spec.shape.iter_mut().zip(dims) {
+            match have {
+                Dim::Fixed(n) if n != want => {
+                    return Err(BuildError::Input(format!(
+                        "--input-shape {name}: the model fixes a dimension at {n}, not {want}"
+                    )));
+                }
+                _ => *have = Dim::Fixed(*want),
+            }
+        }
+    }
+    Ok(sig)
+}
+
+/// The result of a build: the manifest as written and the unsigned bundle bytes.
+#[derive(Debug)]
+pub struct Built {
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+}
+
+pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
+    flotilla_bundle::manifest::check_label("bundle name", &opts.name)?;
+    let model_signature = signature(opts)?;
+    let runtime = RuntimeSettings { backends: opts.backends.clone(), ..Default::default() };
+    let mut artifacts = vec![ArtifactInput {
+        name: "model".into(),
+        role: Role::Model,
+        media_type: model_signature.format.media_type().into(),
+        content: opts.model.clone(),
+        delta_base: None,
+    }];
+    if !opts.golden.is_empty() {
+        let set = golden::compute(&opts.model, &model_signature, &runtime, &opts.golden)?;
+        artifacts.push(ArtifactInput {
+            name: "golden".into(),
+            role: Role::Golden,
+            media_type: flotilla_bundle::golden::GOLDEN_MEDIA_TYPE.into(),
+            content: set.encode()?,
+            delta_base: None,
+        });
+    }
+    let manifest = Manifest {
+        kind: MANIFEST_TYPE.into(),
+        schema: MANIFEST_SCHEMA,
+        name: opts.name.clone(),
+        version: opts.version,
+        created: opts.created,
+        expires: opts.expires,
+        model: model_signature,
+        artifacts: vec![],
+        target: Target::default(),
+        runtime,
+        health: HealthChecks {
+            golden_tolerance: opts.golden_tolerance,
+            latency_budget_us: opts.latency_budget_us,
+            ..HealthChecks::default()
+        },
+    };
+    let mut bytes = Vec::new();
+    let manifest = write_bundle(manifest, &artifacts, opts.zstd_level, &mut bytes)?;
+    Ok(Built { manifest, bytes })
+}
+
+/// Check golden inputs against the signature (used before running them).
+pub(crate) fn checked(sig: &ModelSignature, case: &[Tensor]) -> Result<Vec<Tensor>, BuildError> {
+    check_inputs(&sig.inputs, case.to_vec()).map_err(|e| BuildError::Input(format!("golden input: {e}")))
+}
+
+/// Convenience for callers that hold the runtime registry.
+pub fn default_runtimes() -> Runtimes {
+    Runtimes::default()
+}
