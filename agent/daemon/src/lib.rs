@@ -1,1 +1,274 @@
+//! The Flotilla device agent as a library: the binary in `main.rs`, the demo and the end-to-end
+//! tests all start agents through [`Agent::start`].
+//!
+//! Tasks: the MQTT session loop ([`session`]), install pipelines ([`installer`], one at a time),
+//! and the local inference API ([`api`]). They share one [`Ctx`].
 
+pub mod api;
+pub mod blobs;
+pub mod config;
+pub mod installer;
+pub mod models;
+pub mod session;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use flotilla_bundle::TrustedRoot;
+use flotilla_bundle::format::parse_envelope;
+use flotilla_bundle::golden::GoldenSet;
+use flotilla_proto::{Channel, Chunk, Event, Hello, ModelState, Msg, Topics};
+use flotilla_runtime::Runtimes;
+use rumqttc::{AsyncClient, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, BrokerUrl, FileConfig};
+
+use crate::blobs::{BlobStore, write_atomic};
+use crate::models::{ActiveModel, Registry, load_and_test};
+use crate::state::State;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// State shared by the agent's tasks.
+pub struct Ctx {
+    pub cfg: AgentConfig,
+    pub topics: Topics,
+    state: Mutex<State>,
+    pub blobs: BlobStore,
+    pub trust: RwLock<TrustedRoot>,
+    pub registry: Registry,
+    pub runtimes: Runtimes,
+    mqtt: AsyncClient,
+    /// Bundle id → the install waiting for its chunks.
+    pub chunk_routes: Mutex<HashMap<String, mpsc::Sender<Chunk>>>,
+    /// Offer ids being handled now.
+    pub busy: Mutex<HashSet<String>>,
+    pub install_lock: tokio::sync::Mutex<()>,
+}
+
+impl Ctx {
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        f(&mut self.state.lock().expect("state lock"))
+    }
+
+    pub async fn publish<T: Serialize>(&self, ch: Channel, body: T, retain: bool) {
+        let payload = flotilla_proto::encode(&Msg::new(new_id(), unix_now_ms(), body));
+        let topic = self.topics.device(&self.cfg.device_id, ch);
+        if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, retain, payload).await {
+            tracing::warn!(error = %e, channel = ch.as_str(), "publish failed");
+        }
+    }
+
+    pub async fn publish_event(&self, ev: Event) {
+        self.publish(Channel::Events, ev, false).await
+    }
+
+    pub fn model_states(&self) -> Vec<ModelState> {
+        self.registry
+            .all()
+            .iter()
+            .map(|m| ModelState {
+                name: m.name.clone(),
+                version: m.version,
+                manifest_sha256: m.manifest_sha256.clone(),
+                backend: m.backend().to_string(),
+                status: "active".into(),
+            })
+            .collect()
+    }
+
+    pub async fn publish_state(&self) {
+        let state = flotilla_proto::State { online: true, models: Some(self.model_states()) };
+        self.publish(Channel::State, state, true).await
+    }
+
+    pub fn hello(&self) -> Hello {
+        Hello {
+            agent_version: AGENT_VERSION.into(),
+            arch: std::env::consts::ARCH.into(),
+            os: std::env::consts::OS.into(),
+            cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            memory_bytes: total_memory(),
+            runtimes: self.runtimes.names().into_iter().map(String::from).collect(),
+            tags: self.cfg.tags.clone(),
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    ctx: Arc<Ctx>,
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    api_addr: SocketAddr,
+}
+
+impl Agent {
+    /// Open state, recover the active models, connect, and serve the local API.
+    pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let state = State::open(&cfg.data_dir.join("state.db"))?;
+        let blobs = BlobStore::open(&cfg.data_dir)?;
+        let trust = load_trust(&cfg, &state)?;
+        let topics = Topics::new(&cfg.topic_prefix);
+        let (mqtt, eventloop) = session::client(&cfg, &topics);
+        let ctx = Arc::new(Ctx {
+            topics,
+            state: Mutex::new(state),
+            blobs,
+            trust: RwLock::new(trust),
+            registry: Registry::default(),
+            runtimes: Runtimes::default(),
+            mqtt,
+            chunk_routes: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
+            install_lock: tokio::sync::Mutex::new(()),
+            cfg,
+        });
+        let c = ctx.clone();
+        tokio::task::spawn_blocking(move || recover(&c)).await??;
+
+        let cancel = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind(ctx.cfg.api)
+            .await
+            .with_context(|| format!("binding the local API on {}", ctx.cfg.api))?;
+        let api_addr = listener.local_addr()?;
+        let endpoints = serde_json::json!({ "api": api_addr.to_string() });
+        write_atomic(&ctx.cfg.data_dir.join("endpoints.json"), endpoints.to_string().as_bytes())?;
+        tracing::info!(device = %ctx.cfg.device_id, api = %api_addr, broker = %ctx.cfg.broker, "agent started");
+
+        let mut tasks = Vec::new();
+        let (c, stop) = (ctx.clone(), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            let app = api::router(c);
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        }));
+        tasks.push(tokio::spawn(session::run(ctx.clone(), eventloop, cancel.clone())));
+        Ok(Agent { ctx, cancel, tasks, api_addr })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Say goodbye (retained offline state), disconnect, and stop every task.
+    pub async fn shutdown(self) {
+        let offline = flotilla_proto::State { online: false, models: Some(self.ctx.model_states()) };
+        self.ctx.publish(Channel::State, offline, true).await;
+        let _ = self.ctx.mqtt.disconnect().await;
+        // Give the session loop a moment to flush the goodbye.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Stop without a goodbye, as a crash or power loss would (the broker sends the last will).
+    pub async fn kill(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The trust root: the newest one this device persisted, else the one it was given.
+fn load_trust(cfg: &AgentConfig, state: &State) -> anyhow::Result<TrustedRoot> {
+    let now = state.trusted_now(unix_now())?;
+    let persisted = cfg.data_dir.join("trust-root.cbor");
+    let path = if persisted.exists() { persisted.clone() } else { cfg.trust_root.clone() };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;
+    let root =
+        TrustedRoot::anchor(&bytes, now).with_context(|| format!("trust root {} is not valid", path.display()))?;
+    if !persisted.exists() {
+        write_atomic(&persisted, &root.to_bytes())?;
+    }
+    Ok(root)
+}
+
+/// Bring back every installed model through the same verify/load/self-test path as an install.
+/// A model that no longer passes falls back to its previous version.
+fn recover(ctx: &Ctx) -> anyhow::Result<()> {
+    let installed = ctx.with_state(|s| s.installed())?;
+    for inst in installed {
+        let previous = ctx.with_state(|s| s.previous(&inst.name))?;
+        let mut last_err = None;
+        for candidate in std::iter::once(inst.clone()).chain(previous) {
+            match restore(ctx, &candidate) {
+                Ok(m) => {
+                    if candidate.version != inst.version {
+                        tracing::warn!(name = %inst.name, version = candidate.version, "fell back to the previous version");
+                    }
+                    ctx.registry.insert(m);
+                    last_err = None;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(name = %candidate.name, version = candidate.version, error = %format!("{e:#}"), "cannot restore model");
+                    last_err = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last_err {
+            tracing::error!(name = %inst.name, error = %format!("{e:#}"), "no version of this model could be restored");
+        }
+    }
+    Ok(())
+}
+
+fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<ActiveModel> {
+    let (doc, _) = parse_envelope(&inst.head)?;
+    // Signatures are checked again; expiry is not: it guards installing, not running.
+    let verified = ctx.trust.read().expect("trust lock").verify_manifest(&doc, 0)?;
+    let bytes = ctx.blobs.read(&inst.model_blob)?;
+    let golden =
+        inst.golden_blob.as_ref().map(|g| ctx.blobs.read(g).and_then(|b| Ok(GoldenSet::decode(&b)?))).transpose()?;
+    let (model, _) =
+        load_and_test(&ctx.runtimes, &verified.manifest, &bytes, golden.as_ref()).map_err(anyhow::Error::msg)?;
+    Ok(ActiveModel {
+        name: inst.name.clone(),
+        version: inst.version,
+        manifest: verified.manifest,
+        manifest_sha256: verified.manifest_sha256,
+        model,
+    })
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

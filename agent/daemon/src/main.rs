@@ -1,1 +1,108 @@
-fn main() {}
+//! `flotilla-agent`: the device daemon.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_agent::{Agent, AgentConfig, BrokerUrl, FileConfig};
+
+/// The Flotilla device agent: receives signed model bundles over MQTT, verifies and self-tests
+/// them before activating, and serves them to local apps over the Open Inference Protocol.
+///
+/// Settings come from `--config FILE` (TOML, same key names with underscores) and are
+/// overridden by flags. Example:
+///
+///   flotilla-agent --data-dir /var/lib/flotilla --device-id rpi-7 \
+///       --broker mqtt://fleet.example:1883 --trust-root /etc/flotilla/root.cbor
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// TOML config file; flags override its values.
+    #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where state, blobs and staged downloads live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This device's id (also its MQTT client id and username).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// The control plane's broker, mqtt://HOST:PORT.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The trust root this device was flashed with (newer roots are persisted in the data dir).
+    #[arg(long)]
+    trust_root: Option<PathBuf>,
+    /// Local inference API address (default 127.0.0.1:8181; port 0 picks a free one and
+    /// writes it to DATA_DIR/endpoints.json).
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Broker password for this device.
+    #[arg(long, env = "FLOTILLA_DEVICE_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Device tag KEY=VALUE (repeatable), reported in hello.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rumqttc=warn".into()),
+        )
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("flotilla-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let broker: BrokerUrl = need(args.broker.or(file.broker), "--broker")?.parse()?;
+    let mut cfg = AgentConfig::new(
+        need(args.data_dir.or(file.data_dir), "--data-dir")?,
+        &need(args.device_id.or(file.device_id), "--device-id")?,
+        broker,
+        need(args.trust_root.or(file.trust_root), "--trust-root")?,
+    );
+    if let Some(api) = args.api.map(Ok).or_else(|| file.api.map(|a| a.parse())) {
+        cfg.api = api.context("bad api address")?;
+    }
+    cfg.password = args.password.or(file.password);
+    if let Some(p) = file.topic_prefix {
+        cfg.topic_prefix = p;
+    }
+    let mut tags: BTreeMap<String, String> = file.tags;
+    for t in args.tags {
+        let (k, v) = t.split_once('=').with_context(|| format!("--tag {t:?}: expected KEY=VALUE"))?;
+        tags.insert(k.into(), v.into());
+    }
+    cfg.tags = tags;
+    let agent = Agent::start(cfg).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+fn need<T>(v: Option<T>, flag: &str) -> anyhow::Result<T> {
+    v.with_context(|| format!("missing {flag} (give the flag or set it in --config)"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

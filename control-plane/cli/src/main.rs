@@ -1,1 +1,75 @@
-fn main() {}
+//! `flotilla`: the fleet CLI.
+
+mod bundle;
+mod client;
+mod fleet;
+mod keys;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::Output;
+
+/// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices and rollouts.
+///
+/// Offline commands (keygen, trust, bundle build/sign/verify/inspect) need no server. Commands
+/// that talk to a control plane take --server URL or FLOTILLA_SERVER.
+///
+/// A first rollout:
+///
+///   flotilla keygen --out ops
+///   flotilla trust init --key ops.key --out root.cbor
+///   flotilla bundle build --name digits --version 1 --model digits.onnx --out d1.flb
+///   flotilla bundle sign d1.flb --key ops.key
+///   flotilla bundle push d1.flb --server http://127.0.0.1:8080
+///   flotilla rollout start --bundle digits@1
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about, long_about)]
+struct Cli {
+    /// Control plane URL, e.g. http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "FLOTILLA_SERVER")]
+    server: Option<String>,
+    /// Output format for listings and results.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Generate an ed25519 signing key: writes PREFIX.key (mode 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Trust roots: which keys may sign bundles.
+    #[command(subcommand)]
+    Trust(keys::TrustCmd),
+    /// Build, sign, verify, inspect and push model bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCmd),
+    /// The device registry.
+    #[command(subcommand)]
+    Devices(fleet::DevicesCmd),
+    /// Roll a bundle out to devices.
+    #[command(subcommand)]
+    Rollout(fleet::RolloutCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Keygen { out } => keys::keygen(&out, cli.output),
+        Cmd::Trust(c) => keys::trust(c, cli.output),
+        Cmd::Bundle(c) => bundle::run(c, cli.server.as_deref(), cli.output),
+        Cmd::Devices(c) => fleet::devices(c, cli.server.as_deref(), cli.output),
+        Cmd::Rollout(c) => fleet::rollout(c, cli.server.as_deref(), cli.output),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,188 @@
+//! The Flotilla control plane as a library: the `flotilla-server` binary, the demo and the
+//! end-to-end tests start it through [`Server::start`].
+//!
+//! Tasks: the embedded broker ([`broker`]), the MQTT client that feeds the registry and serves
+//! chunks ([`fleet`]), the rollout driver ([`driver`]), and the HTTP API ([`http`]). All fleet
+//! state is in the SQLite [`store`].
 
+pub mod broker;
+pub mod bundles;
+pub mod driver;
+pub mod fleet;
+pub mod http;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use flotilla_bundle::TrustedRoot;
+use flotilla_proto::Topics;
+use rumqttc::AsyncClient;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{BrokerAuth, EmbeddedBroker};
+use crate::bundles::BundleFiles;
+use crate::fleet::BrokerLogin;
+use crate::store::Store;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    /// Where the embedded broker listens (ignored with `external_broker`).
+    pub mqtt: SocketAddr,
+    /// `mqtt://HOST:PORT` of an external broker (Mosquitto, EMQX) instead of the embedded one.
+    pub external_broker: Option<String>,
+    pub broker_username: Option<String>,
+    pub broker_password: Option<String>,
+    /// When set, pushed bundles must verify under it.
+    pub trust_root: Option<PathBuf>,
+    pub topic_prefix: String,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            external_broker: None,
+            broker_username: None,
+            broker_password: None,
+            trust_root: None,
+            topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
+        }
+    }
+}
+
+/// What the server's tasks share.
+pub struct Shared {
+    pub store: Store,
+    pub files: BundleFiles,
+    pub topics: Topics,
+    pub mqtt: AsyncClient,
+    pub trust: RwLock<Option<TrustedRoot>>,
+    /// Wakes the rollout driver early (an event arrived, a rollout started).
+    pub wake: Notify,
+    /// Notified after each (re)subscription to the device topics.
+    pub connected: Notify,
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    broker: Option<EmbeddedBroker>,
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
+        let files = BundleFiles::open(&cfg.data_dir)?;
+        let trust = match &cfg.trust_root {
+            Some(p) => {
+                let bytes = std::fs::read(p).with_context(|| format!("reading trust root {}", p.display()))?;
+                Some(
+                    TrustedRoot::anchor(&bytes, now_s() as u64)
+                        .with_context(|| format!("trust root {}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        let (broker, login) = match &cfg.external_broker {
+            None => {
+                let auth = Arc::new(BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id()));
+                let b = EmbeddedBroker::start(cfg.mqtt, auth.clone()).await?;
+                let login = BrokerLogin {
+                    host: b.addr.ip().to_string(),
+                    port: b.addr.port(),
+                    username: Some(auth.server_username.clone()),
+                    password: Some(auth.server_password().to_string()),
+                };
+                (Some(b), login)
+            }
+            Some(url) => {
+                let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+                let (host, port) =
+                    rest.rsplit_once(':').with_context(|| format!("--broker {url:?}: expected mqtt://HOST:PORT"))?;
+                let login = BrokerLogin {
+                    host: host.into(),
+                    port: port.trim_end_matches('/').parse().with_context(|| format!("--broker {url:?}: bad port"))?,
+                    username: cfg.broker_username.clone(),
+                    password: cfg.broker_password.clone(),
+                };
+                (None, login)
+            }
+        };
+        let mqtt_addr = match &broker {
+            Some(b) => b.addr,
+            None => tokio::net::lookup_host((login.host.as_str(), login.port))
+                .await?
+                .next()
+                .with_context(|| format!("cannot resolve broker {}", login.host))?,
+        };
+        let (client, eventloop) = fleet::client(&login);
+        let shared = Arc::new(Shared {
+            store,
+            files,
+            topics: Topics::new(&cfg.topic_prefix),
+            mqtt: client,
+            trust: RwLock::new(trust),
+            wake: Notify::new(),
+            connected: Notify::new(),
+        });
+        let cancel = CancellationToken::new();
+        let listener =
+            tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP on {}", cfg.http))?;
+        let http_addr = listener.local_addr()?;
+        let mut tasks = Vec::new();
+        let connected = shared.connected.notified();
+        tasks.push(tokio::spawn(fleet::run(shared.clone(), eventloop, cancel.clone())));
+        // Wait (briefly) for the subscriptions, so no device message is missed from the start.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), connected).await;
+        tasks.push(tokio::spawn(driver::run(shared.clone(), cancel.clone())));
+        let (app, stop) = (http::router(shared.clone()), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        }));
+        let endpoints = serde_json::json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string() });
+        std::fs::write(cfg.data_dir.join("endpoints.json"), endpoints.to_string())?;
+        tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %cfg.data_dir.display(), "flotilla-server started");
+        Ok(Server { shared, broker, cancel, tasks, http_addr, mqtt_addr })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shared.mqtt.disconnect().await;
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Some(b) = self.broker {
+            b.stop();
+        }
+    }
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}

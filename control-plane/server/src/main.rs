@@ -1,1 +1,72 @@
-fn main() {}
+//! `flotilla-server`: the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use flotilla_server::{Server, ServerConfig};
+
+/// The Flotilla control plane: device registry, bundle store, rollouts, with an embedded MQTT
+/// broker and SQLite store by default.
+///
+/// Once listening it writes DATA_DIR/endpoints.json with the bound `http` and `mqtt`
+/// addresses (use port 0 to let the system pick).
+///
+///   flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Where the store, bundles and endpoints.json live.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: PathBuf,
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Embedded MQTT broker address (devices connect here).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Use an external broker (mqtt://HOST:PORT) instead of the embedded one.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
+    /// Username for the external broker.
+    #[arg(long, requires = "broker")]
+    broker_username: Option<String>,
+    /// Password for the external broker.
+    #[arg(long, env = "FLOTILLA_BROKER_PASSWORD", hide_env_values = true, requires = "broker")]
+    broker_password: Option<String>,
+    /// Refuse pushed bundles that do not verify under this trust root.
+    #[arg(long)]
+    trust_root: Option<PathBuf>,
+    /// MQTT topic prefix.
+    #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
+    topic_prefix: String,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttc=warn,rmqtt=warn,rmqtt_net=warn".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let mut cfg = ServerConfig::new(a.data_dir);
+    cfg.http = a.http;
+    cfg.mqtt = a.mqtt;
+    cfg.external_broker = a.broker;
+    cfg.broker_username = a.broker_username;
+    cfg.broker_password = a.broker_password;
+    cfg.trust_root = a.trust_root;
+    cfg.topic_prefix = a.topic_prefix;
+    let server = match Server::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flotilla-server: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+}

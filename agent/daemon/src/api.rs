@@ -1,0 +1,192 @@
+//! The local inference API: Open Inference Protocol (KServe v2 REST) for apps on the device.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_api::v2::{ErrorResponse, InferRequest, InferResponse, InferTensor, ModelMetadata, TensorMetadata};
+use flotilla_bundle::manifest::{DType, Dim, TensorSpec};
+use flotilla_runtime::{RuntimeError, Tensor, TensorData};
+
+use crate::Ctx;
+use crate::models::ActiveModel;
+
+/// Largest request body (a batch of images fits; a runaway client does not).
+const MAX_BODY: usize = 64 << 20;
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/healthz", get(live))
+        .route("/v2/models", get(list_models))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ctx)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorResponse { error: self.1 })).into_response()
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("model {name:?} is not installed on this device"))
+}
+
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(
+        serde_json::json!({ "name": "flotilla-agent", "version": crate::AGENT_VERSION, "extensions": ["model_repository"] }),
+    )
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "live": true }))
+}
+
+async fn ready() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ready": true }))
+}
+
+async fn list_models(State(ctx): State<Arc<Ctx>>) -> Json<Vec<ModelMetadata>> {
+    Json(ctx.registry.all().iter().map(|m| metadata(m)).collect())
+}
+
+async fn model_metadata(
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    ctx.registry.get(&name).map(|m| Json(metadata(&m))).ok_or_else(|| not_found(&name))
+}
+
+async fn model_metadata_version(
+    State(ctx): State<Arc<Ctx>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    let m = versioned(&ctx, &name, &version)?;
+    Ok(Json(metadata(&m)))
+}
+
+async fn model_ready(
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.registry
+        .get(&name)
+        .map(|_| Json(serde_json::json!({ "name": name, "ready": true })))
+        .ok_or_else(|| not_found(&name))
+}
+
+fn versioned(ctx: &Ctx, name: &str, version: &str) -> Result<Arc<ActiveModel>, ApiError> {
+    let m = ctx.registry.get(name).ok_or_else(|| not_found(name))?;
+    if m.version.to_string() != version {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} version {version} is not active here (version {} is)", m.version),
+        ));
+    }
+    Ok(m)
+}
+
+async fn infer(
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    let m = ctx.registry.get(&name).ok_or_else(|| not_found(&name))?;
+    run(m, body).await
+}
+
+async fn infer_version(
+    State(ctx): State<Arc<Ctx>>,
+    Path((name, version)): Path<(String, String)>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    let m = versioned(&ctx, &name, &version)?;
+    run(m, body).await
+}
+
+async fn run(
+    m: Arc<ActiveModel>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Result<Json<InferResponse>, ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", e.body_text())))?;
+    let inputs = req.inputs.iter().map(to_tensor).collect::<Result<Vec<_>, _>>()?;
+    let m2 = m.clone();
+    let outputs = tokio::task::spawn_blocking(move || m2.infer(inputs))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            RuntimeError::BadInput(msg) => ApiError(StatusCode::BAD_REQUEST, msg),
+            other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        })?;
+    Ok(Json(InferResponse {
+        model_name: m.name.clone(),
+        model_version: m.version.to_string(),
+        id: req.id,
+        outputs: outputs.iter().map(from_tensor).collect(),
+    }))
+}
+
+fn to_tensor(t: &InferTensor) -> Result<Tensor, ApiError> {
+    let bad = |msg: String| ApiError(StatusCode::BAD_REQUEST, msg);
+    let dtype = DType::parse(&t.datatype)
+        .ok_or_else(|| bad(format!("input {:?}: unknown datatype {:?}", t.name, t.datatype)))?;
+    let values = t.flat_numbers().map_err(|e| bad(format!("input {:?}: {e}", t.name)))?;
+    let data = TensorData::from_f64(dtype, &values).map_err(|e| bad(format!("input {:?}: {e}", t.name)))?;
+    Tensor::new(t.name.clone(), t.shape.iter().map(|&d| d as usize).collect(), data).map_err(|e| bad(e.to_string()))
+}
+
+fn from_tensor(t: &Tensor) -> InferTensor {
+    let data = match &t.data {
+        TensorData::F32(v) => serde_json::json!(v),
+        TensorData::F64(v) => serde_json::json!(v),
+        TensorData::I64(v) => serde_json::json!(v),
+        TensorData::I32(v) => serde_json::json!(v),
+        TensorData::I16(v) => serde_json::json!(v),
+        TensorData::I8(v) => serde_json::json!(v),
+        TensorData::U8(v) => serde_json::json!(v),
+        TensorData::Bool(v) => serde_json::json!(v),
+    };
+    InferTensor {
+        name: t.name.clone(),
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+        datatype: t.data.dtype().as_str().into(),
+        data,
+    }
+}
+
+fn metadata(m: &ActiveModel) -> ModelMetadata {
+    let spec = |s: &TensorSpec| TensorMetadata {
+        name: s.name.clone(),
+        datatype: s.dtype.as_str().into(),
+        shape: s
+            .shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n as i64,
+                Dim::Symbolic(_) => -1,
+            })
+            .collect(),
+    };
+    ModelMetadata {
+        name: m.name.clone(),
+        versions: vec![m.version.to_string()],
+        platform: m.backend().to_string(),
+        inputs: m.manifest.model.inputs.iter().map(spec).collect(),
+        outputs: m.manifest.model.outputs.iter().map(spec).collect(),
+    }
+}

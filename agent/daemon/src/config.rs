@@ -1,0 +1,116 @@
+//! Agent configuration: a TOML file (optional) overridden by command-line flags.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The config file's shape. Every key is optional; flags win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub device_id: Option<String>,
+    pub broker: Option<String>,
+    pub trust_root: Option<PathBuf>,
+    pub api: Option<String>,
+    pub password: Option<String>,
+    pub topic_prefix: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+/// A broker address `mqtt://HOST:PORT` (or `HOST:PORT`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let rest = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")).unwrap_or(s);
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').with_context(|| format!("broker {s:?}: expected mqtt://HOST:PORT"))?;
+        let port = port.parse().with_context(|| format!("broker {s:?}: bad port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            bail!("broker {s:?}: empty host");
+        }
+        Ok(BrokerUrl { host: host.into(), port })
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+/// Everything the agent needs to run, resolved.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub device_id: String,
+    pub broker: BrokerUrl,
+    pub trust_root: PathBuf,
+    /// Where the local inference API listens (port 0 picks one; see `endpoints.json`).
+    pub api: SocketAddr,
+    /// Broker password for this device (username is the device id).
+    pub password: Option<String>,
+    pub topic_prefix: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl AgentConfig {
+    pub fn new(data_dir: PathBuf, device_id: &str, broker: BrokerUrl, trust_root: PathBuf) -> Self {
+        AgentConfig {
+            data_dir,
+            device_id: device_id.into(),
+            broker,
+            trust_root,
+            api: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            password: None,
+            topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !flotilla_proto::valid_device_id(&self.device_id) {
+            bail!("device id {:?} is invalid: use 1-64 chars of [A-Za-z0-9._-]", self.device_id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let b: BrokerUrl = "mqtt://127.0.0.1:1883".parse().unwrap();
+        assert_eq!(b, BrokerUrl { host: "127.0.0.1".into(), port: 1883 });
+        assert_eq!("localhost:9".parse::<BrokerUrl>().unwrap().port, 9);
+        assert_eq!("mqtt://[::1]:5".parse::<BrokerUrl>().unwrap().host, "::1");
+        assert!("mqtt://nohost".parse::<BrokerUrl>().is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let ok: FileConfig = toml::from_str("device_id = \"a\"\n[tags]\ngroup = \"lab\"\n").unwrap();
+        assert_eq!(ok.tags["group"], "lab");
+        assert!(toml::from_str::<FileConfig>("devce_id = \"a\"").is_err());
+    }
+}

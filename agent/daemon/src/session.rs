@@ -1,0 +1,128 @@
+//! The MQTT session: persistent (`clean_session=false`), resubscribes on every ConnAck, says
+//! hello and publishes retained state on every connect, backs off with jitter on errors, and
+//! leaves a retained "offline" last will.
+//!
+//! The event loop is polled without pause in its own task (rumqttc stops sending when it is
+//! not polled); handlers run in their own tasks and never block it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::{Channel, Chunk, Command, Topics};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::{AgentConfig, Ctx, installer};
+
+pub fn client(cfg: &AgentConfig, topics: &Topics) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(cfg.device_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(30));
+    // Chunks are about 256 KiB; the default 10 KiB limit would drop them.
+    let max = flotilla_proto::MAX_PAYLOAD + 64 * 1024;
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(32);
+    // The username is always the device id: the broker's ACL keys on it.
+    opts.set_credentials(cfg.device_id.clone(), cfg.password.clone().unwrap_or_default());
+    let will = flotilla_proto::encode(&flotilla_proto::Msg::new(
+        "will",
+        0,
+        flotilla_proto::State { online: false, models: None },
+    ));
+    opts.set_last_will(LastWill::new(topics.device(&cfg.device_id, Channel::State), will, QoS::AtLeastOnce, true));
+    AsyncClient::new(opts, 256)
+}
+
+/// Backoff before reconnect attempt `n`: 200 ms doubling to 30 s, times a jitter in [0.5, 1.5).
+pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
+    let base = 200u64.saturating_mul(1 << attempt.min(8)).min(30_000);
+    let jitter = 0.5 + (jitter_seed % 1000) as f64 / 1000.0;
+    Duration::from_millis((base as f64 * jitter) as u64)
+}
+
+pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(session_present = ack.session_present, "connected to broker");
+                attempt = 0;
+                tokio::spawn(on_connect(ctx.clone()));
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&ctx, &p.topic, &p.payload),
+            Ok(_) => {}
+            Err(e) => {
+                let wait = backoff(attempt, rand_u64());
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection error");
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn on_connect(ctx: Arc<Ctx>) {
+    let id = &ctx.cfg.device_id;
+    for ch in [Channel::Cmd, Channel::Chunk] {
+        if let Err(e) = ctx.mqtt.subscribe(ctx.topics.device(id, ch), QoS::AtLeastOnce).await {
+            tracing::warn!(error = %e, "subscribe failed");
+        }
+    }
+    ctx.publish(Channel::Hello, ctx.hello(), false).await;
+    ctx.publish_state().await;
+}
+
+fn dispatch(ctx: &Arc<Ctx>, topic: &str, payload: &[u8]) {
+    let Some((device, ch)) = ctx.topics.parse(topic) else { return };
+    if device != ctx.cfg.device_id {
+        return;
+    }
+    match ch {
+        Channel::Cmd => match flotilla_proto::decode::<Command>(payload) {
+            Ok(msg) => match msg.body {
+                Command::Install(offer) => {
+                    tokio::spawn(installer::handle_offer(ctx.clone(), offer));
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed command"),
+        },
+        Channel::Chunk => match flotilla_proto::decode::<Chunk>(payload) {
+            Ok(msg) => {
+                let route = ctx.chunk_routes.lock().expect("routes lock").get(&msg.body.bundle_id).cloned();
+                // A full or missing route drops the chunk; the installer asks again on timeout.
+                if let Some(tx) = route {
+                    let _ = tx.try_send(msg.body);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed chunk"),
+        },
+        _ => {}
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(0, 500), Duration::from_millis(200));
+        assert_eq!(backoff(3, 500), Duration::from_millis(1600));
+        assert_eq!(backoff(30, 500), Duration::from_millis(30_000));
+        assert!(backoff(30, 999) < Duration::from_millis(45_000));
+        assert!(backoff(30, 0) >= Duration::from_millis(15_000));
+    }
+}

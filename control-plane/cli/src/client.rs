@@ -1,0 +1,60 @@
+//! A small blocking HTTP client for the control plane's API.
+
+use anyhow::{Context, bail};
+use flotilla_api::v1::ApiError;
+use serde::{Serialize, de::DeserializeOwned};
+
+pub struct Client {
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    pub fn new(server: Option<&str>) -> anyhow::Result<Client> {
+        let Some(base) = server else {
+            bail!("no server configured: pass --server URL or set FLOTILLA_SERVER (e.g. http://127.0.0.1:8080)");
+        };
+        let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+        let http = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+        Ok(Client { base: base.trim_end_matches('/').to_string(), http })
+    }
+
+    fn handle<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        r: reqwest::Result<reqwest::blocking::Response>,
+    ) -> anyhow::Result<T> {
+        let r = r.with_context(|| format!("cannot reach the control plane at {} ({what})", self.base))?;
+        let status = r.status();
+        let body = r.bytes()?;
+        if !status.is_success() {
+            if let Ok(e) = serde_json::from_slice::<ApiError>(&body) {
+                match e.hint {
+                    Some(h) => bail!("{} ({}): {}\nhint: {h}", status.as_u16(), e.code, e.message),
+                    None => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
+                }
+            }
+            bail!("{what}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("{what}: unexpected response"))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.handle(path, self.http.get(format!("{}{path}", self.base)).send())
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.handle(path, self.http.post(format!("{}{path}", self.base)).json(body).send())
+    }
+
+    pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> anyhow::Result<T> {
+        self.handle(
+            path,
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/vnd.flotilla.bundle")
+                .body(body)
+                .send(),
+        )
+    }
+}

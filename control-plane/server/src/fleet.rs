@@ -1,0 +1,176 @@
+//! The control plane's MQTT client: registry updates from hello/state, the event log and
+//! rollout progress from events, and bundle chunks served on fetch requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::{Channel, Chunk, Event, FetchRequest, Hello, Msg, State};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Shared, now_s};
+
+pub struct BrokerLogin {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(format!("flotilla-server-{}", crate::new_id()), login.host.clone(), login.port);
+    // The server keeps no session: it resubscribes on every connect and reads retained state.
+    opts.set_clean_session(true);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let max = flotilla_proto::MAX_PAYLOAD + 64 * 1024;
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(200);
+    if let Some(u) = &login.username {
+        opts.set_credentials(u.clone(), login.password.clone().unwrap_or_default());
+    }
+    AsyncClient::new(opts, 4096)
+}
+
+pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                attempt = 0;
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    for ch in [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch] {
+                        if let Err(e) = s.mqtt.subscribe(s.topics.all_devices(ch), QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, "subscribe failed");
+                        }
+                    }
+                    s.connected.notify_waiters();
+                });
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let s = shared.clone();
+                tokio::spawn(async move { handle(&s, &p.topic, &p.payload).await });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let wait = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(7)).min(10_000));
+                tracing::warn!(error = %e, "broker connection error");
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn handle(s: &Arc<Shared>, topic: &str, payload: &[u8]) {
+    let Some((device, ch)) = s.topics.parse(topic) else { return };
+    let result = match ch {
+        Channel::Hello => on_hello(s, device, payload),
+        Channel::State => on_state(s, device, payload),
+        Channel::Events => on_event(s, device, payload),
+        Channel::Fetch => on_fetch(s, device, payload).await,
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(device, channel = ch.as_str(), error = %format!("{e:#}"), "message not handled");
+    }
+}
+
+fn on_hello(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<Hello> = flotilla_proto::decode(payload)?;
+    let tags = serde_json::to_string(&msg.body.tags)?;
+    let hello = serde_json::json!({
+        "agent_version": msg.body.agent_version, "arch": msg.body.arch, "os": msg.body.os,
+        "cores": msg.body.cores, "memory_bytes": msg.body.memory_bytes, "runtimes": msg.body.runtimes,
+    });
+    s.store.device_hello(device, &hello.to_string(), &tags, now_s())?;
+    // A reconnecting device may have missed an offer: send pending ones again.
+    s.store.reoffer_device(device)?;
+    s.wake.notify_one();
+    tracing::debug!(device, "hello");
+    Ok(())
+}
+
+fn on_state(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<State> = flotilla_proto::decode(payload)?;
+    let models = msg
+        .body
+        .models
+        .map(|ms| {
+            serde_json::to_string(
+                &ms.iter()
+                    .map(|m| flotilla_api::v1::DeviceModel {
+                        name: m.name.clone(),
+                        version: m.version,
+                        backend: m.backend.clone(),
+                        status: m.status.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .transpose()?;
+    s.store.device_state(device, msg.body.online, models.as_deref(), now_s())?;
+    Ok(())
+}
+
+fn on_event(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<Event> = flotilla_proto::decode(payload)?;
+    let (kind, offer, state, reason) = match &msg.body {
+        Event::InstallAccepted { offer_id, .. } => ("install_accepted", offer_id, "downloading", None),
+        Event::InstallProgress { offer_id, .. } => ("install_progress", offer_id, "downloading", None),
+        Event::InstallSucceeded { offer_id, .. } => ("install_succeeded", offer_id, "succeeded", None),
+        Event::InstallFailed { offer_id, stage, reason, .. } => {
+            ("install_failed", offer_id, "failed", Some(format!("{}: {reason}", stage.as_str())))
+        }
+    };
+    let body = serde_json::to_string(&event_json(&msg.body))?;
+    let at = (msg.ts / 1000) as i64;
+    let new = s.store.add_event(device, &msg.id, at, kind, &body)?;
+    // The offer id names its device; a device cannot report on another's offer.
+    if new && offer.ends_with(&format!("/{device}")) {
+        s.store.offer_progress(offer, state, reason.as_deref(), now_s())?;
+        s.wake.notify_one();
+    }
+    Ok(())
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::InstallAccepted { offer_id, name, version } => {
+            serde_json::json!({"offer_id": offer_id, "name": name, "version": version})
+        }
+        Event::InstallProgress { offer_id, received, total } => {
+            serde_json::json!({"offer_id": offer_id, "received": received, "total": total})
+        }
+        Event::InstallSucceeded { offer_id, name, version, backend, self_test_ms } => serde_json::json!({
+            "offer_id": offer_id, "name": name, "version": version, "backend": backend, "self_test_ms": self_test_ms
+        }),
+        Event::InstallFailed { offer_id, name, version, stage, reason } => serde_json::json!({
+            "offer_id": offer_id, "name": name, "version": version, "stage": stage.as_str(), "reason": reason
+        }),
+    }
+}
+
+async fn on_fetch(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<FetchRequest> = flotilla_proto::decode(payload)?;
+    let req = msg.body;
+    let files = s.files.clone();
+    let (id, off, len) = (req.bundle_id.clone(), req.offset, req.len);
+    let read = tokio::task::spawn_blocking(move || files.read_range(&id, off, len)).await?;
+    let chunk = match read {
+        Ok((data, total)) => Chunk { bundle_id: req.bundle_id, offset: req.offset, total, data, error: None },
+        Err(e) => {
+            Chunk { bundle_id: req.bundle_id, offset: req.offset, total: 0, data: vec![], error: Some(e.to_string()) }
+        }
+    };
+    let payload = flotilla_proto::encode(&Msg::new(crate::new_id(), crate::now_ms(), chunk));
+    s.mqtt.publish(s.topics.device(device, Channel::Chunk), QoS::AtLeastOnce, false, payload).await?;
+    Ok(())
+}

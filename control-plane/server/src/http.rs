@@ -1,0 +1,252 @@
+//! The HTTP API under `/api/v1`, with types from `flotilla-api`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flotilla_api::v1::{
+    ApiError, Bundle, Device, DeviceModel, Event, Rollout, RolloutCreate, RolloutCreated, RolloutDevice,
+};
+
+use crate::bundles::PushError;
+use crate::store::{BundleRow, DeviceRow};
+use crate::{Shared, now_s};
+
+/// Largest bundle accepted over HTTP.
+const MAX_BUNDLE: usize = 2 << 30;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/bundles", get(list_bundles).post(push_bundle))
+        .route("/api/v1/bundles/{id}", get(download_bundle))
+        .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/api/v1/rollouts/{id}", get(get_rollout))
+        .route("/api/v1/events", get(list_events))
+        .layer(DefaultBodyLimit::max(MAX_BUNDLE))
+        .with_state(shared)
+}
+
+pub struct Error(StatusCode, ApiError);
+
+impl Error {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
+        Error(status, ApiError { code: code.into(), message: message.into(), hint: hint.map(String::from) })
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = %format!("{e:#}"), "internal error");
+        Error::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}"), None)
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn device(row: DeviceRow) -> Device {
+    let hello: serde_json::Value = row.hello.as_deref().and_then(|h| serde_json::from_str(h).ok()).unwrap_or_default();
+    Device {
+        id: row.id,
+        online: row.online,
+        last_seen: row.last_seen.map(rfc3339),
+        agent_version: hello["agent_version"].as_str().map(String::from),
+        arch: hello["arch"].as_str().map(String::from),
+        runtimes: serde_json::from_value(hello["runtimes"].clone()).unwrap_or_default(),
+        tags: serde_json::from_str(&row.tags).unwrap_or_default(),
+        models: serde_json::from_str::<Vec<DeviceModel>>(&row.models).unwrap_or_default(),
+    }
+}
+
+async fn list_devices(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Device>>> {
+    Ok(Json(s.store.devices()?.into_iter().map(device).collect()))
+}
+
+async fn get_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Device>> {
+    s.store.device(&id)?.map(|d| Json(device(d))).ok_or_else(|| {
+        Error::new(
+            StatusCode::NOT_FOUND,
+            "device_not_found",
+            format!("no device {id:?}"),
+            Some("list devices with `flotilla devices ls`"),
+        )
+    })
+}
+
+fn bundle(b: BundleRow) -> Bundle {
+    Bundle {
+        id: b.id,
+        name: b.name,
+        version: b.version,
+        size: b.size,
+        manifest_sha256: b.manifest_sha256,
+        signers: b.signers,
+        created: rfc3339(b.created),
+        pushed: rfc3339(b.pushed),
+    }
+}
+
+async fn list_bundles(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Bundle>>> {
+    Ok(Json(s.store.bundles()?.into_iter().map(bundle).collect()))
+}
+
+async fn push_bundle(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(StatusCode, Json<Bundle>)> {
+    let s2 = s.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let trust = s2.trust.read().expect("trust lock").clone();
+        s2.files.push(&s2.store, &body, trust.as_ref(), now_s())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    match res {
+        Ok(row) => Ok((StatusCode::CREATED, Json(bundle(row)))),
+        Err(PushError::Invalid(m)) => Err(Error::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_bundle",
+            m,
+            Some("check it locally with `flotilla bundle verify B.flb --trust-root ROOT`"),
+        )),
+        Err(PushError::Conflict(m)) => Err(Error::new(StatusCode::CONFLICT, "bundle_exists", m, None)),
+        Err(PushError::Internal(e)) => Err(e.into()),
+    }
+}
+
+async fn download_bundle(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response> {
+    let not_found = || Error::new(StatusCode::NOT_FOUND, "bundle_not_found", format!("no bundle {id:?}"), None);
+    s.store.bundle(&id)?.ok_or_else(not_found)?;
+    let path = s.files.path(&id).ok_or_else(not_found)?;
+    let bytes = tokio::fs::read(&path).await.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(([(header::CONTENT_TYPE, "application/vnd.flotilla.bundle")], bytes).into_response())
+}
+
+fn parse_ref(r: &str) -> Option<(&str, u64)> {
+    let (n, v) = r.split_once('@')?;
+    Some((n, v.parse().ok()?))
+}
+
+async fn create_rollout(
+    State(s): State<Arc<Shared>>,
+    body: std::result::Result<Json<RolloutCreate>, JsonRejection>,
+) -> Result<(StatusCode, Json<RolloutCreated>)> {
+    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let (name, version) = parse_ref(&req.bundle).ok_or_else(|| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_bundle_ref",
+            format!("{:?} is not NAME@VERSION", req.bundle),
+            Some("e.g. --bundle digits@3"),
+        )
+    })?;
+    let b = s.store.bundle_by_name(name, version)?.ok_or_else(|| {
+        Error::new(
+            StatusCode::NOT_FOUND,
+            "bundle_not_found",
+            format!("no bundle {}", req.bundle),
+            Some("push it first with `flotilla bundle push B.flb`"),
+        )
+    })?;
+    let devices: Vec<String> = if req.devices.is_empty() {
+        s.store.devices()?.into_iter().map(|d| d.id).collect()
+    } else {
+        for d in &req.devices {
+            if s.store.device(d)?.is_none() {
+                return Err(Error::new(StatusCode::NOT_FOUND, "device_not_found", format!("no device {d:?}"), None));
+            }
+        }
+        req.devices.clone()
+    };
+    if devices.is_empty() {
+        return Err(Error::new(
+            StatusCode::CONFLICT,
+            "no_devices",
+            "no devices are registered, so the rollout would target nothing",
+            Some("start an agent against this server's broker first"),
+        ));
+    }
+    let id = format!("r-{}", crate::new_id());
+    s.store.create_rollout(&id, &b.id, &devices, now_s())?;
+    s.wake.notify_one();
+    tracing::info!(rollout = %id, bundle = %req.bundle, devices = devices.len(), "rollout started");
+    Ok((StatusCode::CREATED, Json(RolloutCreated { id })))
+}
+
+fn rollout_view(s: &Shared, id: &str) -> anyhow::Result<Option<Rollout>> {
+    let Some(r) = s.store.rollout(id)? else { return Ok(None) };
+    let b = s.store.bundle(&r.bundle_id)?;
+    let devices = s.store.rollout_devices(id)?;
+    let count = |st: &[&str]| devices.iter().filter(|d| st.contains(&d.state.as_str())).count() as u64;
+    Ok(Some(Rollout {
+        id: r.id.clone(),
+        bundle: b.map(|b| format!("{}@{}", b.name, b.version)).unwrap_or_default(),
+        bundle_id: r.bundle_id.clone(),
+        state: r.state.clone(),
+        created: rfc3339(r.created),
+        total: devices.len() as u64,
+        pending: count(&["pending"]),
+        offered: count(&["offered", "downloading"]),
+        succeeded: count(&["succeeded"]),
+        failed: count(&["failed"]),
+        devices: devices
+            .into_iter()
+            .map(|d| RolloutDevice { device: d.device_id, state: d.state, reason: d.reason })
+            .collect(),
+    }))
+}
+
+async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>>> {
+    let mut out = Vec::new();
+    for r in s.store.rollouts()? {
+        out.extend(rollout_view(&s, &r.id)?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_rollout(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Rollout>> {
+    rollout_view(&s, &id)?
+        .map(Json)
+        .ok_or_else(|| Error::new(StatusCode::NOT_FOUND, "rollout_not_found", format!("no rollout {id:?}"), None))
+}
+
+#[derive(serde::Deserialize)]
+struct EventQuery {
+    device: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) -> Result<Json<Vec<Event>>> {
+    let rows = s.store.events(q.device.as_deref(), q.limit.unwrap_or(100).min(10_000))?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(device, at, kind, body)| Event {
+                device,
+                at: rfc3339(at),
+                kind,
+                detail: serde_json::from_str(&body).unwrap_or_default(),
+            })
+            .collect(),
+    ))
+}

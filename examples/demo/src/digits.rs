@@ -1,0 +1,56 @@
+//! The committed digits fixtures (examples/models): a small CNN on scikit-learn's 8x8 digits
+//! and labelled held-out inputs, compiled in so the demo runs from any directory.
+
+use flotilla_api::v2::{InferRequest, InferTensor};
+use flotilla_runtime::{Tensor, TensorData};
+
+pub const MODEL: &[u8] = include_bytes!("../../models/digits_cnn.onnx");
+pub const MODEL_INT8: &[u8] = include_bytes!("../../models/digits_cnn_int8_qdq.onnx");
+const TEST_SET: &str = include_str!("../../models/digits_test.json");
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sample {
+    pub label: usize,
+    pub input: Vec<f32>,
+    pub reference_probabilities: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct TestSet {
+    samples: Vec<Sample>,
+}
+
+pub fn samples() -> Vec<Sample> {
+    serde_json::from_str::<TestSet>(TEST_SET).expect("committed digits_test.json parses").samples
+}
+
+/// A v2 infer request holding `samples` as one batch.
+pub fn request(samples: &[Sample]) -> InferRequest {
+    let data: Vec<f32> = samples.iter().flat_map(|s| s.input.iter().copied()).collect();
+    InferRequest {
+        id: None,
+        inputs: vec![InferTensor {
+            name: "input".into(),
+            shape: vec![samples.len() as u64, 1, 8, 8],
+            datatype: "FP32".into(),
+            data: serde_json::json!(data),
+        }],
+    }
+}
+
+/// Golden self-test cases: each sample as its own single-image batch.
+pub fn golden(samples: &[Sample]) -> Vec<Vec<Tensor>> {
+    samples
+        .iter()
+        .map(|s| vec![Tensor::new("input", vec![1, 1, 8, 8], TensorData::F32(s.input.clone())).expect("64 values")])
+        .collect()
+}
+
+/// Argmax per row of a `[N, 10]` probabilities output.
+pub fn classes(probabilities: &serde_json::Value) -> Vec<usize> {
+    let flat: Vec<f64> =
+        probabilities.as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default();
+    flat.chunks(10)
+        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0))
+        .collect()
+}

@@ -1,0 +1,175 @@
+//! An in-process fleet: a control plane with its embedded broker and SQLite store, real agents
+//! with their own data directories, keys and a trust root, all on 127.0.0.1 ephemeral ports.
+//! The demo binary and the end-to-end tests both drive Flotilla through this harness.
+
+pub mod digits;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_agent::{Agent, AgentConfig, BrokerUrl};
+use flotilla_api::v1::{Bundle, Device, Rollout, RolloutCreate, RolloutCreated};
+use flotilla_api::v2::{InferRequest, InferResponse, ModelMetadata};
+use flotilla_builder::BuildOptions;
+use flotilla_bundle::SecretKey;
+use flotilla_bundle::root::{Root, sign_root};
+use flotilla_runtime::Tensor;
+use flotilla_server::{Server, ServerConfig};
+
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub server: Server,
+    pub agents: Vec<(String, Agent)>,
+    pub key: SecretKey,
+    pub root_path: PathBuf,
+    pub http: reqwest::Client,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Fleet {
+    /// Start a server and `devices` agents named `dev-0`, `dev-1`, ... under `dir`.
+    pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Fleet> {
+        let key = SecretKey::generate()?;
+        let root_path = dir.join("root.cbor");
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(&root_path, sign_root(&Root::single_key(&key.public(), unix_now(), None), &[&key])?)?;
+        let mut cfg = ServerConfig::new(dir.join("server"));
+        cfg.http = "127.0.0.1:0".parse()?;
+        cfg.mqtt = "127.0.0.1:0".parse()?;
+        let server = Server::start(cfg).await?;
+        let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
+        for i in 0..devices {
+            fleet.start_agent(&format!("dev-{i}")).await?;
+        }
+        fleet.wait_devices_online(devices).await?;
+        Ok(fleet)
+    }
+
+    pub fn agent_config(&self, id: &str) -> AgentConfig {
+        let broker = BrokerUrl { host: "127.0.0.1".into(), port: self.server.mqtt_addr.port() };
+        let mut cfg = AgentConfig::new(self.dir.join("agents").join(id), id, broker, self.root_path.clone());
+        cfg.api = "127.0.0.1:0".parse().expect("address");
+        cfg
+    }
+
+    pub async fn start_agent(&mut self, id: &str) -> anyhow::Result<()> {
+        let agent = Agent::start(self.agent_config(id)).await.with_context(|| format!("starting agent {id}"))?;
+        self.agents.push((id.to_string(), agent));
+        Ok(())
+    }
+
+    pub fn agent(&self, id: &str) -> &Agent {
+        &self.agents.iter().find(|(i, _)| i == id).expect("agent id").1
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://{}", self.server.http_addr)
+    }
+
+    /// Build and sign a bundle with the fleet's key.
+    pub fn bundle(&self, name: &str, version: u64, model: &[u8], golden: Vec<Vec<Tensor>>) -> anyhow::Result<Vec<u8>> {
+        let mut opts = BuildOptions::new(name, version, model.to_vec(), unix_now());
+        opts.golden = golden;
+        let built = flotilla_builder::build(&opts)?;
+        sign(&built.bytes, &self.key)
+    }
+
+    pub async fn push(&self, bundle: Vec<u8>) -> anyhow::Result<Bundle> {
+        let r = self.http.post(format!("{}/api/v1/bundles", self.api())).body(bundle).send().await?;
+        json_or_error(r).await
+    }
+
+    pub async fn start_rollout(&self, bundle: &str) -> anyhow::Result<String> {
+        let req = RolloutCreate { bundle: bundle.into(), devices: vec![] };
+        let r = self.http.post(format!("{}/api/v1/rollouts", self.api())).json(&req).send().await?;
+        Ok(json_or_error::<RolloutCreated>(r).await?.id)
+    }
+
+    pub async fn rollout(&self, id: &str) -> anyhow::Result<Rollout> {
+        json_or_error(self.http.get(format!("{}/api/v1/rollouts/{id}", self.api())).send().await?).await
+    }
+
+    /// Wait until the rollout leaves `running`.
+    pub async fn wait_rollout(&self, id: &str, timeout: Duration) -> anyhow::Result<Rollout> {
+        let start = Instant::now();
+        loop {
+            let r = self.rollout(id).await?;
+            if r.state != "running" {
+                return Ok(r);
+            }
+            if start.elapsed() > timeout {
+                bail!("rollout {id} still running after {timeout:?}: {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn devices(&self) -> anyhow::Result<Vec<Device>> {
+        json_or_error(self.http.get(format!("{}/api/v1/devices", self.api())).send().await?).await
+    }
+
+    pub async fn wait_devices_online(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_for(Duration::from_secs(30), || async {
+            Ok(self.devices().await?.iter().filter(|d| d.online).count() >= n)
+        })
+        .await
+        .with_context(|| format!("waiting for {n} devices online"))
+    }
+
+    pub async fn wait_for<F, Fut>(&self, timeout: Duration, mut f: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let start = Instant::now();
+        while !f().await? {
+            if start.elapsed() > timeout {
+                bail!("condition not met within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn infer(&self, device: &str, model: &str, req: &InferRequest) -> anyhow::Result<InferResponse> {
+        let addr = self.agent(device).api_addr();
+        let r = self.http.post(format!("http://{addr}/v2/models/{model}/infer")).json(req).send().await?;
+        let status = r.status();
+        if !status.is_success() {
+            bail!("infer on {device}: HTTP {status}: {}", r.text().await?);
+        }
+        Ok(r.json().await?)
+    }
+
+    pub async fn model_metadata(&self, device: &str, model: &str) -> anyhow::Result<ModelMetadata> {
+        let addr = self.agent(device).api_addr();
+        json_or_error(self.http.get(format!("http://{addr}/v2/models/{model}")).send().await?).await
+    }
+
+    pub async fn shutdown(self) {
+        for (_, a) in self.agents {
+            a.shutdown().await;
+        }
+        self.server.shutdown().await;
+    }
+}
+
+/// Add `key`'s signature to a bundle held in memory.
+pub fn sign(bundle: &[u8], key: &SecretKey) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flotilla_bundle::writer::sign_bundle(&mut std::io::Cursor::new(bundle), key, &mut out)?;
+    Ok(out)
+}
+
+async fn json_or_error<T: serde::de::DeserializeOwned>(r: reqwest::Response) -> anyhow::Result<T> {
+    let status = r.status();
+    let body = r.bytes().await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).with_context(|| format!("unexpected body: {}", String::from_utf8_lossy(&body)))
+}
