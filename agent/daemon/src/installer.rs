@@ -255,6 +255,11 @@ fn stage_artifacts(ctx: &Ctx, part: &Path, bundle_id: &str, manifest_sha256: &st
         flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } => Some(ctx.blobs.read(base_sha256)?),
         _ => None,
     };
+    // Every artifact is checked against the signed manifest, even when its content is already in
+    // the blob store (a corrupt bundle is refused, not silently deduplicated).
+    if ctx.blobs.contains(&model.sha256) {
+        extract_artifact(&mut f, data_offset, model, base.as_deref(), std::io::sink())?;
+    }
     ctx.blobs.import(&model.sha256, |out| {
         let mut w = std::io::BufWriter::new(out);
         extract_artifact(&mut f, data_offset, model, base.as_deref(), &mut w)?;

@@ -31,8 +31,12 @@ pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
     AsyncClient::new(opts, 4096)
 }
 
+/// The device channels the control plane subscribes to.
+const SUBSCRIBED: [Channel; 4] = [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch];
+
 pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut attempt = 0u32;
+    let mut subacks = 0usize;
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -41,15 +45,22 @@ pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: Cancella
         match ev {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
+                subacks = 0;
                 let s = shared.clone();
                 tokio::spawn(async move {
-                    for ch in [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch] {
+                    for ch in SUBSCRIBED {
                         if let Err(e) = s.mqtt.subscribe(s.topics.all_devices(ch), QoS::AtLeastOnce).await {
                             tracing::warn!(error = %e, "subscribe failed");
                         }
                     }
-                    s.connected.notify_waiters();
                 });
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                subacks += 1;
+                // Only once the broker has acknowledged every subscription is nothing missed.
+                if subacks == SUBSCRIBED.len() {
+                    shared.connected.notify_waiters();
+                }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 let s = shared.clone();

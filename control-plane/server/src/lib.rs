@@ -145,7 +145,9 @@ impl Server {
         let connected = shared.connected.notified();
         tasks.push(tokio::spawn(fleet::run(shared.clone(), eventloop, cancel.clone())));
         // Wait (briefly) for the subscriptions, so no device message is missed from the start.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), connected).await;
+        if tokio::time::timeout(std::time::Duration::from_secs(10), connected).await.is_err() {
+            tracing::warn!(broker = %mqtt_addr, "not subscribed to the broker yet; continuing and retrying in the background");
+        }
         tasks.push(tokio::spawn(driver::run(shared.clone(), cancel.clone())));
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
         tasks.push(tokio::spawn(async move {

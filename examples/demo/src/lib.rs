@@ -26,6 +26,16 @@ pub struct Fleet {
     pub http: reqwest::Client,
 }
 
+/// With `FLOTILLA_TEST_LOG=debug` (an env filter), tests and the demo log what the fleet does.
+fn init_test_logging() {
+    if let Ok(filter) = std::env::var("FLOTILLA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -33,6 +43,7 @@ pub fn unix_now() -> u64 {
 impl Fleet {
     /// Start a server and `devices` agents named `dev-0`, `dev-1`, ... under `dir`.
     pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Fleet> {
+        init_test_logging();
         let key = SecretKey::generate()?;
         let root_path = dir.join("root.cbor");
         std::fs::create_dir_all(dir)?;
