@@ -43,6 +43,12 @@ pub fn unix_now() -> u64 {
 impl Fleet {
     /// Start a server and `devices` agents named `dev-0`, `dev-1`, ... under `dir`.
     pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Fleet> {
+        Fleet::start_with_broker(dir, devices, None).await
+    }
+
+    /// As [`Fleet::start`], with the server and agents on an external broker (`mqtt://HOST:PORT`)
+    /// instead of the embedded one.
+    pub async fn start_with_broker(dir: &Path, devices: usize, broker: Option<String>) -> anyhow::Result<Fleet> {
         init_test_logging();
         let key = SecretKey::generate()?;
         let root_path = dir.join("root.cbor");
@@ -51,6 +57,7 @@ impl Fleet {
         let mut cfg = ServerConfig::new(dir.join("server"));
         cfg.http = "127.0.0.1:0".parse()?;
         cfg.mqtt = "127.0.0.1:0".parse()?;
+        cfg.external_broker = broker;
         let server = Server::start(cfg).await?;
         let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
         for i in 0..devices {

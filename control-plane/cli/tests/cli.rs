@@ -1,0 +1,155 @@
+//! The `flotilla` binary, driven as an operator would, against a real control plane and agents.
+//! The spellings and JSON shapes used here are the CLI's contract.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use flotilla_demo::{Fleet, digits};
+
+fn flotilla(args: &[&str], server: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    c.args(args).env_remove("FLOTILLA_SERVER");
+    if let Some(s) = server {
+        c.env("FLOTILLA_SERVER", s);
+    }
+    c.output().expect("run flotilla")
+}
+
+fn ok(args: &[&str], server: Option<&str>) -> String {
+    let out = flotilla(args, server);
+    assert!(
+        out.status.success(),
+        "flotilla {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_workflow_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
+    let server = fleet.api();
+
+    // Keys and a trust root of our own (the fleet's agents trust the harness root, so this key
+    // also has to be one the harness trusts: we sign with both below).
+    ok(&["keygen", "--out", s(&d.join("ops"))], None);
+    assert!(d.join("ops.key").exists() && d.join("ops.pub").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(d.join("ops.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    // keygen never overwrites a key.
+    assert!(!flotilla(&["keygen", "--out", s(&d.join("ops"))], None).status.success());
+    ok(&["trust", "init", "--key", s(&d.join("ops.key")), "--out", s(&d.join("root.cbor"))], None);
+
+    // Golden inputs as a v2 request file.
+    let samples = digits::samples();
+    std::fs::write(d.join("golden.json"), serde_json::to_vec(&digits::request(&samples[..2])).unwrap()).unwrap();
+    std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
+    let b = d.join("digits.flb");
+    ok(
+        &["bundle", "build", "--name", "digits", "--version", "7", "--model", s(&d.join("model.onnx")),
+          "--golden", s(&d.join("golden.json")), "--out", s(&b)],
+        None,
+    );
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["bundle", "inspect", s(&b), "--output", "json"], None)).unwrap();
+    assert_eq!(inspect["name"], "digits");
+    assert_eq!(inspect["inputs"][0]["shape"], "N,1,8,8");
+    assert_eq!(inspect["health"]["golden"], true);
+    assert_eq!(inspect["signatures"].as_array().unwrap().len(), 0);
+
+    // Unsigned: verify fails with a non-zero exit and says why.
+    let out = flotilla(&["bundle", "verify", s(&b), "--trust-root", s(&d.join("root.cbor"))], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threshold not met"));
+
+    ok(&["bundle", "sign", s(&b), "--key", s(&d.join("ops.key"))], None);
+    let v = ok(&["bundle", "verify", s(&b), "--trust-root", s(&d.join("root.cbor"))], None);
+    assert!(v.starts_with("OK"), "{v}");
+
+    // Pinned shape.
+    let pinned = d.join("pinned.flb");
+    ok(
+        &["bundle", "build", "--name", "digits", "--version", "8", "--model", s(&d.join("model.onnx")),
+          "--input-shape", "input=4,1,8,8", "--out", s(&pinned)],
+        None,
+    );
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["bundle", "inspect", s(&pinned), "-o", "json"], None)).unwrap();
+    assert_eq!(inspect["inputs"][0]["shape"], "4,1,8,8");
+    let out = flotilla(
+        &["bundle", "build", "--name", "digits", "--version", "9", "--model", s(&d.join("model.onnx")),
+          "--input-shape", "input=4,3,8,8", "--out", s(&d.join("x.flb"))],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fixes a dimension at 1"));
+
+    // The devices trust the harness root: add the harness key's signature too, then push.
+    let harness_key = d.join("harness");
+    fleet.key.save(&harness_key).unwrap();
+    ok(&["bundle", "sign", s(&b), "--key", s(&harness_key.with_extension("key"))], None);
+    let pushed: serde_json::Value = serde_json::from_str(&ok(&["bundle", "push", s(&b), "-o", "json"], Some(&server))).unwrap();
+    assert_eq!(pushed["version"], 7);
+    let listed: serde_json::Value = serde_json::from_str(&ok(&["bundle", "ls", "--output", "json"], Some(&server))).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    let devices: serde_json::Value = serde_json::from_str(&ok(&["devices", "ls", "--output", "json"], Some(&server))).unwrap();
+    let ids: Vec<&str> = devices.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["dev-0", "dev-1"]);
+    assert!(ok(&["devices", "ls"], Some(&server)).starts_with("ID"));
+
+    let created: serde_json::Value =
+        serde_json::from_str(&ok(&["rollout", "start", "--bundle", "digits@7", "--output", "json"], Some(&server))).unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let plain = ok(&["rollout", "start", "--bundle", "digits@7"], Some(&server));
+    assert!(plain.trim().starts_with("r-"), "plain output is the id: {plain}");
+    fleet.wait_rollout(&id, Duration::from_secs(60)).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&ok(&["rollout", "status", &id, "-o", "json"], Some(&server))).unwrap();
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["succeeded"], 2);
+
+    // Errors say what to do next.
+    let out = flotilla(&["devices", "ls"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --server URL or set FLOTILLA_SERVER"));
+    let out = flotilla(&["rollout", "start", "--bundle", "digits@99"], Some(&server));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("push it first"));
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_trust_root_refuses_bundles_it_would_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["keygen", "--out", s(&d.join("ops"))], None);
+    ok(&["keygen", "--out", s(&d.join("rogue"))], None);
+    ok(&["trust", "init", "--key", s(&d.join("ops.key")), "--out", s(&d.join("root.cbor"))], None);
+    let mut cfg = flotilla_server::ServerConfig::new(d.join("server"));
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    cfg.mqtt = "127.0.0.1:0".parse().unwrap();
+    cfg.trust_root = Some(d.join("root.cbor"));
+    let server = flotilla_server::Server::start(cfg).await.unwrap();
+    let url = format!("http://{}", server.http_addr);
+    let endpoints: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("server/endpoints.json")).unwrap()).unwrap();
+    assert_eq!(endpoints["http"], server.http_addr.to_string());
+    assert_eq!(endpoints["mqtt"], server.mqtt_addr.to_string());
+
+    std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
+    let b = d.join("b.flb");
+    ok(&["bundle", "build", "--name", "digits", "--version", "1", "--model", s(&d.join("model.onnx")), "--out", s(&b)], None);
+    ok(&["bundle", "sign", s(&b), "--key", s(&d.join("rogue.key"))], None);
+    let out = flotilla(&["bundle", "push", s(&b)], Some(&url));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("422") && err.contains("invalid_bundle") && err.contains("threshold not met"), "{err}");
+    ok(&["bundle", "sign", s(&b), "--key", s(&d.join("ops.key"))], None);
+    ok(&["bundle", "push", s(&b)], Some(&url));
+    server.shutdown().await;
+}
