@@ -25,12 +25,16 @@ impl Drop for Mosquitto {
 /// Start mosquitto on a free loopback port. Mosquitto cannot listen on port 0 and report the
 /// port, so a free port is found first and the start is retried if another process takes it.
 fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
-    assert!(std::path::Path::new(MOSQUITTO).exists(), "{MOSQUITTO} is missing: install it with `apt-get install mosquitto` (.ci/run does)");
+    assert!(
+        std::path::Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is missing: install it with `apt-get install mosquitto` (.ci/run does)"
+    );
     for _ in 0..5 {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n")).unwrap();
-        let mut child = Command::new(MOSQUITTO).arg("-c").arg(&conf).stderr(Stdio::piped()).spawn().expect("start mosquitto");
+        let mut child =
+            Command::new(MOSQUITTO).arg("-c").arg(&conf).stderr(Stdio::piped()).spawn().expect("start mosquitto");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -59,9 +63,10 @@ fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
 async fn rollout_over_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let broker = start_mosquitto(dir.path());
-    let fleet = Fleet::start_with_broker(&dir.path().join("fleet"), 2, Some(format!("mqtt://127.0.0.1:{}", broker.port)))
-        .await
-        .unwrap();
+    let fleet =
+        Fleet::start_with_broker(&dir.path().join("fleet"), 2, Some(format!("mqtt://127.0.0.1:{}", broker.port)))
+            .await
+            .unwrap();
     assert_eq!(fleet.server.mqtt_addr.port(), broker.port);
     let samples = digits::samples();
     fleet.push(fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..2])).unwrap()).await.unwrap();

@@ -57,11 +57,24 @@ async fn operator_workflow_through_the_cli() {
     std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
     let b = d.join("digits.flb");
     ok(
-        &["bundle", "build", "--name", "digits", "--version", "7", "--model", s(&d.join("model.onnx")),
-          "--golden", s(&d.join("golden.json")), "--out", s(&b)],
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "7",
+            "--model",
+            s(&d.join("model.onnx")),
+            "--golden",
+            s(&d.join("golden.json")),
+            "--out",
+            s(&b),
+        ],
         None,
     );
-    let inspect: serde_json::Value = serde_json::from_str(&ok(&["bundle", "inspect", s(&b), "--output", "json"], None)).unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "inspect", s(&b), "--output", "json"], None)).unwrap();
     assert_eq!(inspect["name"], "digits");
     assert_eq!(inspect["inputs"][0]["shape"], "N,1,8,8");
     assert_eq!(inspect["health"]["golden"], true);
@@ -79,15 +92,40 @@ async fn operator_workflow_through_the_cli() {
     // Pinned shape.
     let pinned = d.join("pinned.flb");
     ok(
-        &["bundle", "build", "--name", "digits", "--version", "8", "--model", s(&d.join("model.onnx")),
-          "--input-shape", "input=4,1,8,8", "--out", s(&pinned)],
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "8",
+            "--model",
+            s(&d.join("model.onnx")),
+            "--input-shape",
+            "input=4,1,8,8",
+            "--out",
+            s(&pinned),
+        ],
         None,
     );
-    let inspect: serde_json::Value = serde_json::from_str(&ok(&["bundle", "inspect", s(&pinned), "-o", "json"], None)).unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "inspect", s(&pinned), "-o", "json"], None)).unwrap();
     assert_eq!(inspect["inputs"][0]["shape"], "4,1,8,8");
     let out = flotilla(
-        &["bundle", "build", "--name", "digits", "--version", "9", "--model", s(&d.join("model.onnx")),
-          "--input-shape", "input=4,3,8,8", "--out", s(&d.join("x.flb"))],
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "9",
+            "--model",
+            s(&d.join("model.onnx")),
+            "--input-shape",
+            "input=4,3,8,8",
+            "--out",
+            s(&d.join("x.flb")),
+        ],
         None,
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("fixes a dimension at 1"));
@@ -96,23 +134,28 @@ async fn operator_workflow_through_the_cli() {
     let harness_key = d.join("harness");
     fleet.key.save(&harness_key).unwrap();
     ok(&["bundle", "sign", s(&b), "--key", s(&harness_key.with_extension("key"))], None);
-    let pushed: serde_json::Value = serde_json::from_str(&ok(&["bundle", "push", s(&b), "-o", "json"], Some(&server))).unwrap();
+    let pushed: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "push", s(&b), "-o", "json"], Some(&server))).unwrap();
     assert_eq!(pushed["version"], 7);
-    let listed: serde_json::Value = serde_json::from_str(&ok(&["bundle", "ls", "--output", "json"], Some(&server))).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "ls", "--output", "json"], Some(&server))).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
-    let devices: serde_json::Value = serde_json::from_str(&ok(&["devices", "ls", "--output", "json"], Some(&server))).unwrap();
+    let devices: serde_json::Value =
+        serde_json::from_str(&ok(&["devices", "ls", "--output", "json"], Some(&server))).unwrap();
     let ids: Vec<&str> = devices.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["dev-0", "dev-1"]);
     assert!(ok(&["devices", "ls"], Some(&server)).starts_with("ID"));
 
     let created: serde_json::Value =
-        serde_json::from_str(&ok(&["rollout", "start", "--bundle", "digits@7", "--output", "json"], Some(&server))).unwrap();
+        serde_json::from_str(&ok(&["rollout", "start", "--bundle", "digits@7", "--output", "json"], Some(&server)))
+            .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     let plain = ok(&["rollout", "start", "--bundle", "digits@7"], Some(&server));
     assert!(plain.trim().starts_with("r-"), "plain output is the id: {plain}");
     fleet.wait_rollout(&id, Duration::from_secs(60)).await.unwrap();
-    let status: serde_json::Value = serde_json::from_str(&ok(&["rollout", "status", &id, "-o", "json"], Some(&server))).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["rollout", "status", &id, "-o", "json"], Some(&server))).unwrap();
     assert_eq!(status["state"], "completed");
     assert_eq!(status["succeeded"], 2);
 
@@ -137,13 +180,17 @@ async fn a_server_with_a_trust_root_refuses_bundles_it_would_not_run() {
     cfg.trust_root = Some(d.join("root.cbor"));
     let server = flotilla_server::Server::start(cfg).await.unwrap();
     let url = format!("http://{}", server.http_addr);
-    let endpoints: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("server/endpoints.json")).unwrap()).unwrap();
+    let endpoints: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("server/endpoints.json")).unwrap()).unwrap();
     assert_eq!(endpoints["http"], server.http_addr.to_string());
     assert_eq!(endpoints["mqtt"], server.mqtt_addr.to_string());
 
     std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
     let b = d.join("b.flb");
-    ok(&["bundle", "build", "--name", "digits", "--version", "1", "--model", s(&d.join("model.onnx")), "--out", s(&b)], None);
+    ok(
+        &["bundle", "build", "--name", "digits", "--version", "1", "--model", s(&d.join("model.onnx")), "--out", s(&b)],
+        None,
+    );
     ok(&["bundle", "sign", s(&b), "--key", s(&d.join("rogue.key"))], None);
     let out = flotilla(&["bundle", "push", s(&b)], Some(&url));
     assert!(!out.status.success());
