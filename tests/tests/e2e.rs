@@ -39,7 +39,13 @@ async fn signed_bundle_reaches_three_agents_and_they_classify_correctly() {
         .unwrap();
 
     let labels: Vec<usize> = samples.iter().map(|s| s.label).collect();
-    for (device, _) in &fleet.agents {
+    for (device, agent) in &fleet.agents {
+        // Each agent says where its API listens (it was started on port 0).
+        let endpoints: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("agents").join(device).join("endpoints.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(endpoints["api"], agent.api_addr().to_string());
         let meta = fleet.model_metadata(device, "digits").await.unwrap();
         assert_eq!(meta.platform, "tract-onnx");
         assert_eq!(meta.inputs[0].shape, vec![-1, 1, 8, 8], "batch stays symbolic");

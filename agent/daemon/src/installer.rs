@@ -45,18 +45,18 @@ pub async fn handle_offer(ctx: Arc<Ctx>, offer: InstallOffer) {
     let journaled = ctx.with_state(|s| s.install_state(&offer.offer_id)).ok().flatten();
     match journaled.as_ref().map(|(s, r)| (s.as_str(), r)) {
         Some(("active", _)) => {
-            // Already done: acknowledge again (the first acknowledgement may have been lost).
-            if let Some(m) = ctx.registry.get(&offer.name).filter(|m| m.version == offer.version) {
-                ctx.publish_event(Event::InstallSucceeded {
-                    offer_id: offer.offer_id.clone(),
-                    name: offer.name.clone(),
-                    version: offer.version,
-                    backend: m.backend().to_string(),
-                    self_test_ms: 0,
-                })
-                .await;
-                return;
-            }
+            // Already done: acknowledge again (the first acknowledgement may have been lost),
+            // even if a newer version has been activated since.
+            let backend = ctx.registry.get(&offer.name).map(|m| m.backend().to_string()).unwrap_or_default();
+            ctx.publish_event(Event::InstallSucceeded {
+                offer_id: offer.offer_id.clone(),
+                name: offer.name.clone(),
+                version: offer.version,
+                backend,
+                self_test_ms: 0,
+            })
+            .await;
+            return;
         }
         Some(("failed", reason)) => {
             ctx.publish_event(Event::InstallFailed {

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Measures the agent's footprint with the real release binaries: stripped size, and idle RSS
+# with no model and with the digits model installed through a real rollout.
+#   bash examples/footprint.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p flotilla-agent -p flotilla-server -p flotilla >&2
+bin=target/release
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+strip -o "$work/flotilla-agent.stripped" "$bin/flotilla-agent"
+echo "agent binary: $(stat -c %s "$bin/flotilla-agent") bytes, stripped $(stat -c %s "$work/flotilla-agent.stripped") bytes"
+
+wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "timeout: $1" >&2; exit 1; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+"$bin/flotilla" keygen --out "$work/ops" >/dev/null
+"$bin/flotilla" trust init --key "$work/ops.key" --out "$work/root.cbor" >/dev/null
+RUST_LOG=warn "$bin/flotilla-server" --data-dir "$work/server" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 2>/dev/null &
+wait_file "$work/server/endpoints.json"
+http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/server/endpoints.json")
+mqtt=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$work/server/endpoints.json")
+export FLOTILLA_SERVER="http://$http"
+
+RUST_LOG=warn "$work/flotilla-agent.stripped" --data-dir "$work/agent" --device-id footprint-1 \
+    --broker "mqtt://$mqtt" --trust-root "$work/root.cbor" --api 127.0.0.1:0 2>/dev/null &
+agent=$!
+wait_file "$work/agent/endpoints.json"
+sleep 3
+echo "agent idle RSS, no model: $(rss_kib $agent) KiB"
+
+python3 - "$work/golden.json" <<'PY'
+import json, sys
+t = json.load(open("examples/models/digits_test.json"))["samples"][:2]
+reqs = [{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": s["input"]}]} for s in t]
+json.dump(reqs, open(sys.argv[1], "w"))
+PY
+"$bin/flotilla" bundle build --name digits --version 1 --model examples/models/digits_cnn.onnx \
+    --golden "$work/golden.json" --out "$work/d.flb" >/dev/null
+"$bin/flotilla" bundle sign "$work/d.flb" --key "$work/ops.key" >/dev/null
+"$bin/flotilla" bundle push "$work/d.flb" >/dev/null
+id=$("$bin/flotilla" rollout start --bundle digits@1)
+for _ in $(seq 300); do
+    state=$("$bin/flotilla" rollout status "$id" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+    [ "$state" != running ] && break; sleep 0.1
+done
+[ "$state" = completed ] || { echo "rollout $state" >&2; exit 1; }
+api=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api"])' "$work/agent/endpoints.json")
+curl -sf "http://$api/v2/models/digits" >/dev/null
+sleep 3
+echo "agent idle RSS, digits model loaded: $(rss_kib $agent) KiB"
