@@ -8,16 +8,18 @@ use anyhow::Context;
 use clap::Parser;
 use flotilla_agent::{Agent, AgentConfig, BrokerUrl, FileConfig};
 
+const EXAMPLE: &str = "\
+Example:
+  flotilla-agent --data-dir /var/lib/flotilla --device-id rpi-7 \\
+      --broker mqtt://fleet.example:1883 --trust-root /etc/flotilla/root.cbor";
+
 /// The Flotilla device agent: receives signed model bundles over MQTT, verifies and self-tests
 /// them before activating, and serves them to local apps over the Open Inference Protocol.
 ///
 /// Settings come from `--config FILE` (TOML, same key names with underscores) and are
-/// overridden by flags. Example:
-///
-///   flotilla-agent --data-dir /var/lib/flotilla --device-id rpi-7 \
-///       --broker mqtt://fleet.example:1883 --trust-root /etc/flotilla/root.cbor
+/// overridden by flags.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_help = EXAMPLE)]
 struct Args {
     /// TOML config file; flags override its values.
     #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]

@@ -12,21 +12,21 @@ use clap::{Parser, Subcommand};
 
 use crate::output::Output;
 
+const EXAMPLES: &str = "\
+A first rollout:
+  flotilla keygen --out ops
+  flotilla trust init --key ops.key --out root.cbor
+  flotilla bundle build --name digits --version 1 --model digits.onnx --out d1.flb
+  flotilla bundle sign d1.flb --key ops.key
+  flotilla bundle push d1.flb --server http://127.0.0.1:8080
+  flotilla rollout start --bundle digits@1 --server http://127.0.0.1:8080";
+
 /// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices and rollouts.
 ///
 /// Offline commands (keygen, trust, bundle build/sign/verify/inspect) need no server. Commands
 /// that talk to a control plane take --server URL or FLOTILLA_SERVER.
-///
-/// A first rollout:
-///
-///   flotilla keygen --out ops
-///   flotilla trust init --key ops.key --out root.cbor
-///   flotilla bundle build --name digits --version 1 --model digits.onnx --out d1.flb
-///   flotilla bundle sign d1.flb --key ops.key
-///   flotilla bundle push d1.flb --server http://127.0.0.1:8080
-///   flotilla rollout start --bundle digits@1
 #[derive(Parser, Debug)]
-#[command(name = "flotilla", version, about, long_about)]
+#[command(name = "flotilla", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// Control plane URL, e.g. http://127.0.0.1:8080.
     #[arg(long, global = true, env = "FLOTILLA_SERVER")]

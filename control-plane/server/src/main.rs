@@ -6,15 +6,17 @@ use std::path::PathBuf;
 use clap::Parser;
 use flotilla_server::{Server, ServerConfig};
 
+const EXAMPLE: &str = "\
+Example:
+  flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883 --trust-root root.cbor";
+
 /// The Flotilla control plane: device registry, bundle store, rollouts, with an embedded MQTT
 /// broker and SQLite store by default.
 ///
 /// Once listening it writes DATA_DIR/endpoints.json with the bound `http` and `mqtt`
 /// addresses (use port 0 to let the system pick).
-///
-///   flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_help = EXAMPLE)]
 struct Args {
     /// Where the store, bundles and endpoints.json live.
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
