@@ -121,6 +121,25 @@ impl TrustedRoot {
         Ok(TrustedRoot { root, doc })
     }
 
+    /// Follow a chain of rotations (e.g. N → N+1 → N+2), in any order; roots at or below this
+    /// version are skipped. Every step must verify; the first that does not stops the chain.
+    pub fn rotate_chain(&self, roots: &[Vec<u8>], now: u64) -> Result<TrustedRoot> {
+        let mut parsed = Vec::with_capacity(roots.len());
+        for bytes in roots {
+            let (root, _) = parse(bytes)?;
+            parsed.push((root.version, bytes));
+        }
+        parsed.sort_by_key(|(v, _)| *v);
+        let mut current = self.clone();
+        for (version, bytes) in parsed {
+            if version <= current.root.version {
+                continue;
+            }
+            current = current.rotate(bytes, now)?;
+        }
+        Ok(current)
+    }
+
     pub fn root(&self) -> &Root {
         &self.root
     }
@@ -166,6 +185,14 @@ pub fn sign_root(root: &Root, keys: &[&crate::keys::SecretKey]) -> Result<Vec<u8
     for k in keys {
         doc.sign(CONTEXT_ROOT, k);
     }
+    canonical::to_vec(&doc)
+}
+
+/// Add `key`'s signature to an encoded root (offline signing by several holders in turn).
+#[cfg(feature = "sign")]
+pub fn add_root_signature(bytes: &[u8], key: &crate::keys::SecretKey) -> Result<Vec<u8>> {
+    let (_, mut doc) = parse(bytes)?;
+    doc.sign(CONTEXT_ROOT, key);
     canonical::to_vec(&doc)
 }
 
@@ -221,5 +248,25 @@ mod tests {
         next.version = 3;
         let skip = sign_root(&next, &[&a, &b]).unwrap();
         assert!(matches!(trusted.rotate(&skip, 400).unwrap_err(), Error::Rotation(_)));
+    }
+
+    #[test]
+    fn chains_rotate_step_by_step_and_refuse_gaps() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let v1 = sign_root(&Root::single_key(&a.public(), 100, None), &[&a]).unwrap();
+        let mut r2 = Root::single_key(&b.public(), 200, None);
+        r2.version = 2;
+        let v2 = sign_root(&r2, &[&a, &b]).unwrap();
+        let mut r3 = Root::single_key(&c.public(), 300, None);
+        r3.version = 3;
+        let v3 = sign_root(&r3, &[&b, &c]).unwrap();
+        let t1 = TrustedRoot::anchor(&v1, 400).unwrap();
+        // Out of order and with an old root mixed in: still 1 → 2 → 3.
+        let t3 = t1.rotate_chain(&[v3.clone(), v1.clone(), v2.clone()], 400).unwrap();
+        assert_eq!(t3.root().version, 3);
+        // Without the middle link the chain does not hold.
+        assert!(matches!(t1.rotate_chain(std::slice::from_ref(&v3), 400).unwrap_err(), Error::Rotation(_)));
+        // Going backwards is a no-op, never a downgrade.
+        assert_eq!(t3.rotate_chain(&[v1, v2], 400).unwrap().root().version, 3);
     }
 }

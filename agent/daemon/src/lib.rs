@@ -97,6 +97,7 @@ impl Ctx {
             memory_bytes: total_memory(),
             runtimes: self.runtimes.names().into_iter().map(String::from).collect(),
             tags: self.cfg.tags.clone(),
+            root_version: Some(self.trust.read().expect("trust lock").root().version),
         }
     }
 }
@@ -180,6 +181,39 @@ impl Agent {
         self.cancel.cancel();
         for t in self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// Accept newer trust roots (a rotation chain), persist the newest, and report the outcome.
+pub async fn accept_roots(ctx: &Ctx, roots: Vec<Vec<u8>>) {
+    let result = (|| -> anyhow::Result<Option<u64>> {
+        let now = ctx.with_state(|s| s.trusted_now(unix_now()))?;
+        let current = ctx.trust.read().expect("trust lock").clone();
+        let next = current.rotate_chain(&roots, now)?;
+        if next.root().version == current.root().version {
+            return Ok(None);
+        }
+        write_atomic(&ctx.cfg.data_dir.join("trust-root.cbor"), &next.to_bytes())?;
+        let version = next.root().version;
+        *ctx.trust.write().expect("trust lock") = next;
+        Ok(Some(version))
+    })();
+    match result {
+        Ok(Some(version)) => {
+            tracing::info!(version, "trust root rotated");
+            ctx.publish_event(Event::TrustRootAccepted { version }).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let offered = roots
+                .iter()
+                .filter_map(|b| flotilla_bundle::root::decode_untrusted(b).ok())
+                .map(|(r, _)| r.version)
+                .max()
+                .unwrap_or(0);
+            tracing::warn!(error = %format!("{e:#}"), offered, "trust root refused");
+            ctx.publish_event(Event::TrustRootRefused { version: offered, reason: format!("{e:#}") }).await;
         }
     }
 }

@@ -90,6 +90,14 @@ fn dispatch(ctx: &Arc<Ctx>, topic: &str, payload: &[u8]) {
                 Command::Install(offer) => {
                     tokio::spawn(installer::handle_offer(ctx.clone(), offer));
                 }
+                Command::TrustRoots(t) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        crate::accept_roots(&ctx, t.roots.into_iter().map(|b| b.into_vec()).collect()).await;
+                        // Say hello again so the control plane learns the new root version.
+                        ctx.publish(Channel::Hello, ctx.hello(), false).await;
+                    });
+                }
             },
             Err(e) => tracing::warn!(error = %e, "ignoring malformed command"),
         },

@@ -16,6 +16,9 @@ pub struct Hello {
     pub runtimes: Vec<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Version of the trust root the device holds (the control plane sends newer ones).
+    #[serde(default)]
+    pub root_version: Option<u64>,
 }
 
 /// Retained per device. The last will is `State { online: false, models: None }`.
@@ -70,6 +73,15 @@ pub enum Event {
         stage: InstallStage,
         reason: String,
     },
+    /// The device now trusts this root version (persisted).
+    TrustRootAccepted {
+        version: u64,
+    },
+    /// A root (chain) was refused; the device keeps the root it had.
+    TrustRootRefused {
+        version: u64,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +113,14 @@ impl InstallStage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     Install(InstallOffer),
+    /// Newer trust roots: each must follow the one before it (N → N+1 → ...). Devices skip
+    /// versions they already hold.
+    TrustRoots(TrustRoots),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrustRoots {
+    pub roots: Vec<serde_bytes::ByteBuf>,
 }
 
 /// An offer to install a bundle. It carries the signed envelope so the device can refuse an

@@ -93,3 +93,11 @@ pub struct Event {
     pub kind: String,
     pub detail: serde_json::Value,
 }
+
+/// The answer to `POST /api/v1/trust/root`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrustRootPushed {
+    pub version: u64,
+    /// Devices the new root (chain) was sent to.
+    pub devices: u64,
+}

@@ -63,7 +63,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Keygen { out } => keys::keygen(&out, cli.output),
-        Cmd::Trust(c) => keys::trust(c, cli.output),
+        Cmd::Trust(c) => keys::trust(c, cli.server.as_deref(), cli.output),
         Cmd::Bundle(c) => bundle::run(c, cli.server.as_deref(), cli.output),
         Cmd::Devices(c) => fleet::devices(c, cli.server.as_deref(), cli.output),
         Cmd::Rollout(c) => fleet::rollout(c, cli.server.as_deref(), cli.output),

@@ -200,3 +200,112 @@ async fn a_server_with_a_trust_root_refuses_bundles_it_would_not_run() {
     ok(&["bundle", "push", s(&b)], Some(&url));
     server.shutdown().await;
 }
+
+#[test]
+fn trust_roots_with_thresholds_offline_signing_and_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for k in ["r1", "r2", "t1", "t2"] {
+        ok(&["keygen", "--out", s(&d.join(k))], None);
+    }
+    let root1 = d.join("root1.cbor");
+    // Two root keys, threshold 2; signed by only one holder so far.
+    let out = ok(
+        &[
+            "trust",
+            "init",
+            "--root-key",
+            s(&d.join("r1.pub")),
+            "--root-key",
+            s(&d.join("r2.pub")),
+            "--root-threshold",
+            "2",
+            "--targets-key",
+            s(&d.join("t1.pub")),
+            "--targets-threshold",
+            "1",
+            "--sign-with",
+            s(&d.join("r1.key")),
+            "--expires",
+            "365d",
+            "--out",
+            s(&root1),
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["version"].as_u64(), v["complete"].as_bool()), (Some(1), Some(false)), "{v}");
+    let bad = flotilla(&["trust", "verify", s(&root1)], None);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("1 valid signature(s) from distinct trusted keys, 2 required")
+    );
+    // The second holder signs offline; now it verifies.
+    ok(&["trust", "sign", s(&root1), "--key", s(&d.join("r2.key"))], None);
+    assert!(ok(&["trust", "verify", s(&root1)], None).starts_with("OK"));
+
+    // Rotate: targets moves to t2; roles not named keep their keys and thresholds.
+    let root2 = d.join("root2.cbor");
+    ok(
+        &[
+            "trust",
+            "rotate",
+            "--from",
+            s(&root1),
+            "--targets-key",
+            s(&d.join("t2.pub")),
+            "--sign-with",
+            s(&d.join("r1.key")),
+            "--sign-with",
+            s(&d.join("r2.key")),
+            "--out",
+            s(&root2),
+        ],
+        None,
+    );
+    assert!(ok(&["trust", "verify", s(&root2), "--from", s(&root1)], None).contains("valid rotation"));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["trust", "inspect", s(&root2), "-o", "json"], None)).unwrap();
+    assert_eq!(inspect["version"], 2);
+    assert_eq!(inspect["roles"]["root"]["threshold"], 2);
+    assert_eq!(inspect["roles"]["targets"]["keyids"].as_array().unwrap().len(), 1);
+
+    // A rotation signed by only one of the two old root keys is refused.
+    let weak = d.join("weak.cbor");
+    ok(&["trust", "rotate", "--from", s(&root2), "--sign-with", s(&d.join("r1.key")), "--out", s(&weak)], None);
+    assert!(!flotilla(&["trust", "verify", s(&weak), "--from", s(&root2)], None).status.success());
+    // Skipping a version or going backwards is refused.
+    let out = flotilla(&["trust", "verify", s(&root1), "--from", s(&root2)], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not follow"));
+    let root3 = d.join("root3.cbor");
+    ok(
+        &[
+            "trust",
+            "rotate",
+            "--from",
+            s(&root2),
+            "--sign-with",
+            s(&d.join("r1.key")),
+            "--sign-with",
+            s(&d.join("r2.key")),
+            "--out",
+            s(&root3),
+        ],
+        None,
+    );
+    let out = flotilla(&["trust", "verify", s(&root3), "--from", s(&root1)], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not follow"));
+
+    // Bundles follow the root in force: t1 signed for root1, only t2 for root2.
+    std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
+    let b = d.join("b.flb");
+    ok(
+        &["bundle", "build", "--name", "digits", "--version", "1", "--model", s(&d.join("model.onnx")), "--out", s(&b)],
+        None,
+    );
+    ok(&["bundle", "sign", s(&b), "--key", s(&d.join("t1.key"))], None);
+    ok(&["bundle", "verify", s(&b), "--trust-root", s(&root1)], None);
+    assert!(!flotilla(&["bundle", "verify", s(&b), "--trust-root", s(&root2)], None).status.success());
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{Channel, Chunk, Event, FetchRequest, Hello, Msg, State};
+use flotilla_proto::{Channel, Chunk, Command, Event, FetchRequest, Hello, Msg, State, TrustRoots};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +83,7 @@ pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: Cancella
 async fn handle(s: &Arc<Shared>, topic: &str, payload: &[u8]) {
     let Some((device, ch)) = s.topics.parse(topic) else { return };
     let result = match ch {
-        Channel::Hello => on_hello(s, device, payload),
+        Channel::Hello => on_hello(s, device, payload).await,
         Channel::State => on_state(s, device, payload),
         Channel::Events => on_event(s, device, payload),
         Channel::Fetch => on_fetch(s, device, payload).await,
@@ -94,7 +94,7 @@ async fn handle(s: &Arc<Shared>, topic: &str, payload: &[u8]) {
     }
 }
 
-fn on_hello(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+async fn on_hello(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
     let msg: Msg<Hello> = flotilla_proto::decode(payload)?;
     let tags = serde_json::to_string(&msg.body.tags)?;
     let hello = serde_json::json!({
@@ -102,6 +102,16 @@ fn on_hello(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
         "cores": msg.body.cores, "memory_bytes": msg.body.memory_bytes, "runtimes": msg.body.runtimes,
     });
     s.store.device_hello(device, &hello.to_string(), &tags, now_s())?;
+    if let Some(v) = msg.body.root_version {
+        s.store.set_device_root_version(device, v)?;
+    }
+    // A device behind on trust roots gets the chain it lacks.
+    let latest = s.trust.read().expect("trust lock").as_ref().map(|t| t.root().version);
+    if let Some(latest) = latest
+        && msg.body.root_version.is_some_and(|v| v < latest)
+    {
+        send_roots(s, device, msg.body.root_version).await?;
+    }
     // A reconnecting device may have missed an offer: send pending ones again.
     s.store.reoffer_device(device)?;
     s.wake.notify_one();
@@ -133,23 +143,45 @@ fn on_state(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
 
 fn on_event(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
     let msg: Msg<Event> = flotilla_proto::decode(payload)?;
-    let (kind, offer, state, reason) = match &msg.body {
-        Event::InstallAccepted { offer_id, .. } => ("install_accepted", offer_id, "downloading", None),
-        Event::InstallProgress { offer_id, .. } => ("install_progress", offer_id, "downloading", None),
-        Event::InstallSucceeded { offer_id, .. } => ("install_succeeded", offer_id, "succeeded", None),
-        Event::InstallFailed { offer_id, stage, reason, .. } => {
-            ("install_failed", offer_id, "failed", Some(format!("{}: {reason}", stage.as_str())))
-        }
-    };
     let body = serde_json::to_string(&event_json(&msg.body))?;
     let at = (msg.ts / 1000) as i64;
-    let new = s.store.add_event(device, &msg.id, at, kind, &body)?;
+    if !s.store.add_event(device, &msg.id, at, event_kind(&msg.body), &body)? {
+        return Ok(()); // a repeat of a message already handled
+    }
+    let (offer, state, reason) = match &msg.body {
+        Event::InstallAccepted { offer_id, .. } | Event::InstallProgress { offer_id, .. } => {
+            (offer_id, "downloading", None)
+        }
+        Event::InstallSucceeded { offer_id, .. } => (offer_id, "succeeded", None),
+        Event::InstallFailed { offer_id, stage, reason, .. } => {
+            (offer_id, "failed", Some(format!("{}: {reason}", stage.as_str())))
+        }
+        Event::TrustRootAccepted { version } => {
+            s.store.set_device_root_version(device, *version)?;
+            return Ok(());
+        }
+        Event::TrustRootRefused { version, reason } => {
+            tracing::warn!(device, version, reason, "device refused a trust root");
+            return Ok(());
+        }
+    };
     // The offer id names its device; a device cannot report on another's offer.
-    if new && offer.ends_with(&format!("/{device}")) {
+    if offer.ends_with(&format!("/{device}")) {
         s.store.offer_progress(offer, state, reason.as_deref(), now_s())?;
         s.wake.notify_one();
     }
     Ok(())
+}
+
+fn event_kind(e: &Event) -> &'static str {
+    match e {
+        Event::InstallAccepted { .. } => "install_accepted",
+        Event::InstallProgress { .. } => "install_progress",
+        Event::InstallSucceeded { .. } => "install_succeeded",
+        Event::InstallFailed { .. } => "install_failed",
+        Event::TrustRootAccepted { .. } => "trust_root_accepted",
+        Event::TrustRootRefused { .. } => "trust_root_refused",
+    }
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -166,7 +198,23 @@ fn event_json(e: &Event) -> serde_json::Value {
         Event::InstallFailed { offer_id, name, version, stage, reason } => serde_json::json!({
             "offer_id": offer_id, "name": name, "version": version, "stage": stage.as_str(), "reason": reason
         }),
+        Event::TrustRootAccepted { version } => serde_json::json!({"version": version}),
+        Event::TrustRootRefused { version, reason } => serde_json::json!({"version": version, "reason": reason}),
     }
+}
+
+/// Send `device` every stored root newer than `have` (devices skip what they hold).
+pub async fn send_roots(s: &Shared, device: &str, have: Option<u64>) -> anyhow::Result<bool> {
+    let roots: Vec<_> = s.store.roots()?.into_iter().filter(|(v, _)| Some(*v) > have).collect();
+    if roots.is_empty() {
+        return Ok(false);
+    }
+    let cmd = Command::TrustRoots(TrustRoots {
+        roots: roots.into_iter().map(|(_, b)| serde_bytes::ByteBuf::from(b)).collect(),
+    });
+    let payload = flotilla_proto::encode(&Msg::new(crate::new_id(), crate::now_ms(), cmd));
+    s.mqtt.publish(s.topics.device(device, Channel::Cmd), QoS::AtLeastOnce, false, payload).await?;
+    Ok(true)
 }
 
 async fn on_fetch(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Result<()> {

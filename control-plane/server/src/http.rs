@@ -11,7 +11,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_api::v1::{
     ApiError, Bundle, Device, DeviceModel, Event, Rollout, RolloutCreate, RolloutCreated, RolloutDevice,
+    TrustRootPushed,
 };
+use flotilla_bundle::TrustedRoot;
 
 use crate::bundles::PushError;
 use crate::store::{BundleRow, DeviceRow};
@@ -30,6 +32,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
         .route("/api/v1/rollouts/{id}", get(get_rollout))
         .route("/api/v1/events", get(list_events))
+        .route("/api/v1/trust/root", get(get_root).post(push_root))
         .layer(DefaultBodyLimit::max(MAX_BUNDLE))
         .with_state(shared)
 }
@@ -249,4 +252,67 @@ async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) 
             })
             .collect(),
     ))
+}
+
+async fn get_root(State(s): State<Arc<Shared>>) -> Result<Response> {
+    let t = s.trust.read().expect("trust lock").clone();
+    let t = t.ok_or_else(|| {
+        Error::new(
+            StatusCode::NOT_FOUND,
+            "no_trust_root",
+            "this server has no trust root",
+            Some("push one with `flotilla trust push ROOT`"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/vnd.flotilla.root+cbor")], t.to_bytes()).into_response())
+}
+
+/// Accept a new trust root: the first one anchors the server; after that only the next version,
+/// signed by a threshold of the current root's keys and of its own. Then send it to every device.
+async fn push_root(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(StatusCode, Json<TrustRootPushed>)> {
+    let now = now_s();
+    let invalid = |e: flotilla_bundle::Error| {
+        Error::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_root",
+            e.to_string(),
+            Some("check it with `flotilla trust verify ROOT --from CURRENT`"),
+        )
+    };
+    let current = s.trust.read().expect("trust lock").clone();
+    let next = match &current {
+        None => TrustedRoot::anchor(&body, now as u64).map_err(invalid)?,
+        Some(cur) => {
+            let (root, _) = flotilla_bundle::root::decode_untrusted(&body).map_err(invalid)?;
+            if root.version <= cur.root().version {
+                let same = s.store.roots()?.iter().any(|(v, b)| *v == root.version && b.as_slice() == body.as_ref());
+                if same {
+                    return Ok((StatusCode::OK, Json(TrustRootPushed { version: root.version, devices: 0 })));
+                }
+                return Err(Error::new(
+                    StatusCode::CONFLICT,
+                    "root_not_newer",
+                    format!(
+                        "root version {} is not newer than the current version {}",
+                        root.version,
+                        cur.root().version
+                    ),
+                    Some("rotate with `flotilla trust rotate --from CURRENT`"),
+                ));
+            }
+            cur.rotate(&body, now as u64).map_err(invalid)?
+        }
+    };
+    let version = next.root().version;
+    s.store.add_root(version, &next.to_bytes(), now)?;
+    *s.trust.write().expect("trust lock") = Some(next);
+    let mut sent = 0;
+    for d in s.store.devices()? {
+        let have = s.store.device_root_version(&d.id)?;
+        if crate::fleet::send_roots(&s, &d.id, have).await? {
+            sent += 1;
+        }
+    }
+    tracing::info!(version, devices = sent, "trust root updated");
+    Ok((StatusCode::CREATED, Json(TrustRootPushed { version, devices: sent })))
 }

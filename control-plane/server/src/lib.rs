@@ -85,16 +85,7 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
         let files = BundleFiles::open(&cfg.data_dir)?;
-        let trust = match &cfg.trust_root {
-            Some(p) => {
-                let bytes = std::fs::read(p).with_context(|| format!("reading trust root {}", p.display()))?;
-                Some(
-                    TrustedRoot::anchor(&bytes, now_s() as u64)
-                        .with_context(|| format!("trust root {}", p.display()))?,
-                )
-            }
-            None => None,
-        };
+        let trust = load_trust(&store, cfg.trust_root.as_deref())?;
         let (broker, login) = match &cfg.external_broker {
             None => {
                 let auth = Arc::new(BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id()));
@@ -173,6 +164,31 @@ impl Server {
             b.stop();
         }
     }
+}
+
+/// The server's current trust root: the configured one (stored as the start of the chain), then
+/// every newer root pushed since, each verified as a rotation of the one before.
+fn load_trust(store: &Store, configured: Option<&std::path::Path>) -> anyhow::Result<Option<TrustedRoot>> {
+    let now = now_s() as u64;
+    if let Some(p) = configured {
+        let bytes = std::fs::read(p).with_context(|| format!("reading trust root {}", p.display()))?;
+        let t = TrustedRoot::anchor(&bytes, now).with_context(|| format!("trust root {}", p.display()))?;
+        let stored = store.roots()?;
+        match stored.iter().find(|(v, _)| *v == t.root().version) {
+            Some((_, b)) if *b != t.to_bytes() => anyhow::bail!(
+                "trust root {} is version {} but the store holds a different root with that version",
+                p.display(),
+                t.root().version
+            ),
+            Some(_) => {}
+            None => store.add_root(t.root().version, &t.to_bytes(), now_s())?,
+        }
+    }
+    let stored = store.roots()?;
+    let Some((_, first)) = stored.first() else { return Ok(None) };
+    let anchor = TrustedRoot::anchor(first, 0).context("the store's oldest trust root")?;
+    let chain: Vec<Vec<u8>> = stored.into_iter().map(|(_, b)| b).collect();
+    Ok(Some(anchor.rotate_chain(&chain, now).context("the store's trust root chain")?))
 }
 
 pub fn now_s() -> i64 {

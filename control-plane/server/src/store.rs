@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     updated INTEGER NOT NULL,
     PRIMARY KEY (rollout_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS roots (
+    version INTEGER PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    added INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
@@ -109,6 +114,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_column(&conn, "devices", "root_version", "INTEGER")?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
@@ -321,6 +327,42 @@ impl Store {
         Ok(())
     }
 
+    // ---- trust roots ----
+
+    pub fn add_root(&self, version: u64, bytes: &[u8], now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO roots (version, bytes, added) VALUES (?1, ?2, ?3)",
+                params![version as i64, bytes, now],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Every stored root, oldest first.
+    pub fn roots(&self) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
+        self.with(|c| {
+            c.prepare("SELECT version, bytes FROM roots ORDER BY version")?
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+                .collect()
+        })
+    }
+
+    pub fn set_device_root_version(&self, id: &str, version: u64) -> anyhow::Result<()> {
+        self.with(|c| c.execute("UPDATE devices SET root_version = ?2 WHERE id = ?1", params![id, version as i64]))?;
+        Ok(())
+    }
+
+    pub fn device_root_version(&self, id: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self
+            .with(|c| {
+                c.query_row("SELECT root_version FROM devices WHERE id = ?1", [id], |r| r.get::<_, Option<i64>>(0))
+                    .optional()
+            })?
+            .flatten()
+            .map(|v| v as u64))
+    }
+
     // ---- events ----
 
     /// Append an event; a repeated (device, message id) is ignored. Returns whether it was new.
@@ -342,6 +384,20 @@ impl Store {
             st.query_map(params![device, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
         })
     }
+}
+
+/// Schema evolution for stores made by older builds: add a column if it is missing.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> anyhow::Result<()> {
+    let exists = conn
+        .prepare(&format!("PRAGMA table_info({table})"))?
+        .query_map([], |r| r.get::<_, String>(1))?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .iter()
+        .any(|c| c == column);
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
 }
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {

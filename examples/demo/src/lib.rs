@@ -17,6 +17,22 @@ use flotilla_bundle::root::{Root, sign_root};
 use flotilla_runtime::Tensor;
 use flotilla_server::{Server, ServerConfig};
 
+/// How to start a [`Fleet`].
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Use this broker (`mqtt://HOST:PORT`) instead of the embedded one.
+    pub external_broker: Option<String>,
+    /// Give the server the fleet's trust root, so it refuses pushes that would not verify.
+    /// Off, only the devices judge bundles (to test that they do).
+    pub server_checks_signatures: bool,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions { external_broker: None, server_checks_signatures: true }
+    }
+}
+
 pub struct Fleet {
     pub dir: PathBuf,
     pub server: Server,
@@ -43,12 +59,16 @@ pub fn unix_now() -> u64 {
 impl Fleet {
     /// Start a server and `devices` agents named `dev-0`, `dev-1`, ... under `dir`.
     pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Fleet> {
-        Fleet::start_with_broker(dir, devices, None).await
+        Fleet::start_with(dir, devices, FleetOptions::default()).await
     }
 
     /// As [`Fleet::start`], with the server and agents on an external broker (`mqtt://HOST:PORT`)
     /// instead of the embedded one.
     pub async fn start_with_broker(dir: &Path, devices: usize, broker: Option<String>) -> anyhow::Result<Fleet> {
+        Fleet::start_with(dir, devices, FleetOptions { external_broker: broker, ..FleetOptions::default() }).await
+    }
+
+    pub async fn start_with(dir: &Path, devices: usize, opts: FleetOptions) -> anyhow::Result<Fleet> {
         init_test_logging();
         let key = SecretKey::generate()?;
         let root_path = dir.join("root.cbor");
@@ -57,7 +77,8 @@ impl Fleet {
         let mut cfg = ServerConfig::new(dir.join("server"));
         cfg.http = "127.0.0.1:0".parse()?;
         cfg.mqtt = "127.0.0.1:0".parse()?;
-        cfg.external_broker = broker;
+        cfg.external_broker = opts.external_broker;
+        cfg.trust_root = opts.server_checks_signatures.then(|| root_path.clone());
         let server = Server::start(cfg).await?;
         let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
         for i in 0..devices {
@@ -90,10 +111,34 @@ impl Fleet {
 
     /// Build and sign a bundle with the fleet's key.
     pub fn bundle(&self, name: &str, version: u64, model: &[u8], golden: Vec<Vec<Tensor>>) -> anyhow::Result<Vec<u8>> {
+        self.bundle_signed_by(name, version, model, golden, &[&self.key])
+    }
+
+    /// Build a bundle and sign it with `keys`, in order.
+    pub fn bundle_signed_by(
+        &self,
+        name: &str,
+        version: u64,
+        model: &[u8],
+        golden: Vec<Vec<Tensor>>,
+        keys: &[&SecretKey],
+    ) -> anyhow::Result<Vec<u8>> {
         let mut opts = BuildOptions::new(name, version, model.to_vec(), unix_now());
         opts.golden = golden;
-        let built = flotilla_builder::build(&opts)?;
-        sign(&built.bytes, &self.key)
+        let mut bytes = flotilla_builder::build(&opts)?.bytes;
+        for k in keys {
+            bytes = sign(&bytes, k)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Push a trust root to the control plane (`flotilla trust push`).
+    pub async fn push_root(&self, root: Vec<u8>) -> anyhow::Result<flotilla_api::v1::TrustRootPushed> {
+        json_or_error(self.http.post(format!("{}/api/v1/trust/root", self.api())).body(root).send().await?).await
+    }
+
+    pub async fn events(&self, device: &str) -> anyhow::Result<Vec<flotilla_api::v1::Event>> {
+        json_or_error(self.http.get(format!("{}/api/v1/events?device={device}", self.api())).send().await?).await
     }
 
     pub async fn push(&self, bundle: Vec<u8>) -> anyhow::Result<Bundle> {
