@@ -34,6 +34,10 @@ pub enum Error {
     ThresholdNotMet { role: &'static str, valid: usize, threshold: u32, detail: String },
     #[error("{what} expired at {expires} (trusted time is {now})")]
     Expired { what: &'static str, expires: u64, now: u64 },
+    #[error(
+        "{name} version {version} is lower than version {highest} already accepted (anti-rollback); a deliberate rollback is a new, higher version"
+    )]
+    Rollback { name: String, version: u64, highest: u64 },
     #[error("key error: {0}")]
     Key(String),
     #[error("root rotation refused: {0}")]
@@ -47,6 +51,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// A stable short name for the kind of error (what the negative corpus expects).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::BadMagic => "BadMagic",
+            Error::UnsupportedFormat { .. } => "UnsupportedFormat",
+            Error::UnsupportedSchema { .. } => "UnsupportedSchema",
+            Error::Truncated { .. } => "Truncated",
+            Error::TooLarge { .. } => "TooLarge",
+            Error::Malformed { .. } => "Malformed",
+            Error::NotCanonical { .. } => "NotCanonical",
+            Error::BadArtifactName { .. } => "BadArtifactName",
+            Error::Artifact { .. } => "Artifact",
+            Error::DigestMismatch { .. } => "DigestMismatch",
+            Error::ThresholdNotMet { .. } => "ThresholdNotMet",
+            Error::Expired { .. } => "Expired",
+            Error::Rollback { .. } => "Rollback",
+            Error::Key(_) => "Key",
+            Error::Rotation(_) => "Rotation",
+            Error::Io { .. } => "Io",
+        }
+    }
+
     pub(crate) fn malformed(what: &'static str, detail: impl std::fmt::Display) -> Self {
         Error::Malformed { what, detail: detail.to_string() }
     }

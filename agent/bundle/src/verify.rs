@@ -54,3 +54,12 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
     m.check()?;
     Ok(m)
 }
+
+/// Anti-rollback: a bundle may not go below the highest version accepted for its name.
+/// The same version is allowed (re-installing what is there is idempotent).
+pub fn check_not_rollback(m: &Manifest, highest: Option<u64>) -> Result<()> {
+    match highest {
+        Some(h) if m.version < h => Err(Error::Rollback { name: m.name.clone(), version: m.version, highest: h }),
+        _ => Ok(()),
+    }
+}

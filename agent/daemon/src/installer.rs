@@ -135,12 +135,7 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
         }
     }
     let highest = ctx.with_state(|s| s.highest(&m.name)).or_else(|e| fail(Offered, e))?;
-    if let Some(h) = highest.filter(|h| *h > m.version) {
-        return fail(
-            Offered,
-            format!("version {} is lower than version {h} already accepted for {} (anti-rollback)", m.version, m.name),
-        );
-    }
+    flotilla_bundle::verify::check_not_rollback(m, highest).or_else(|e| fail(Offered, e))?;
     if !m.target.arch.is_empty() && !m.target.arch.iter().any(|a| a == std::env::consts::ARCH) {
         return fail(Offered, format!("bundle targets {:?}, this device is {}", m.target.arch, std::env::consts::ARCH));
     }
