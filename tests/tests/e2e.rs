@@ -172,3 +172,31 @@ async fn bad_inference_requests_get_clear_400s() {
     assert_eq!(r.status().as_u16(), 200);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delta_bundle_installs_against_the_model_the_device_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(dir.path(), 1).await.unwrap();
+    let samples = digits::samples();
+    fleet.push(fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..2])).unwrap()).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+
+    // v2 carries the int8 model as a zstd patch against v1's model.
+    let mut opts =
+        flotilla_builder::BuildOptions::new("digits", 2, digits::MODEL_INT8.to_vec(), flotilla_demo::unix_now());
+    opts.golden = digits::golden(&samples[..2]);
+    opts.delta_base = Some(digits::MODEL.to_vec());
+    let v2 = sign(&flotilla_builder::build(&opts).unwrap().bytes, &fleet.key).unwrap();
+    let (doc, _) = parse_envelope(&v2).unwrap();
+    let model = decode_manifest(&doc.signed).unwrap().artifact(Role::Model).unwrap().clone();
+    assert!(matches!(model.encoding, flotilla_bundle::manifest::Encoding::ZstdPatch { .. }), "{model:?}");
+    assert_eq!(model.size, digits::MODEL_INT8.len() as u64);
+    fleet.push(v2).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@2").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+    let resp = fleet.infer("dev-0", "digits", &digits::request(&samples)).await.unwrap();
+    assert_eq!(resp.model_version, "2");
+    assert_eq!(digits::classes(&resp.outputs[0].data), samples.iter().map(|s| s.label).collect::<Vec<_>>());
+    fleet.shutdown().await;
+}

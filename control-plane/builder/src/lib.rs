@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub created: u64,
     pub expires: Option<u64>,
     pub zstd_level: i32,
+    /// Store the model as a zstd patch against this base model content (`--delta-from`).
+    pub delta_base: Option<Vec<u8>>,
 }
 
 impl BuildOptions {
@@ -58,6 +60,7 @@ impl BuildOptions {
             created,
             expires: None,
             zstd_level: 19,
+            delta_base: None,
         }
     }
 }
@@ -139,7 +142,7 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         role: Role::Model,
         media_type: model_signature.format.media_type().into(),
         content: opts.model.clone(),
-        delta_base: None,
+        delta_base: opts.delta_base.clone(),
     }];
     if !opts.golden.is_empty() {
         let set = golden::compute(&opts.model, &model_signature, &runtime, &opts.golden)?;
@@ -171,6 +174,22 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     let mut bytes = Vec::new();
     let manifest = write_bundle(manifest, &artifacts, opts.zstd_level, &mut bytes)?;
     Ok(Built { manifest, bytes })
+}
+
+/// The model content of an existing bundle (the base for `--delta-from`), checked against the
+/// digests in its manifest. No trust decision: the base only shrinks the new bundle, and devices
+/// check it by digest before using it.
+pub fn model_of(bundle: &[u8]) -> Result<Vec<u8>, BuildError> {
+    let (doc, off) = flotilla_bundle::format::parse_envelope(bundle)?;
+    let m = flotilla_bundle::verify::decode_manifest(&doc.signed)?;
+    let a = m.artifact(Role::Model).expect("checked manifests have a model");
+    if !matches!(a.encoding, flotilla_bundle::manifest::Encoding::Zstd) {
+        return Err(BuildError::Input(format!(
+            "{}@{} is itself a delta; use a bundle holding the full model as the base",
+            m.name, m.version
+        )));
+    }
+    Ok(flotilla_bundle::format::extract_artifact_to_vec(&mut std::io::Cursor::new(bundle), off, a, None, 8 << 30)?)
 }
 
 /// Check golden inputs against the signature (used before running them).

@@ -46,6 +46,10 @@ pub enum BundleCmd {
         /// Expiry: RFC 3339 time or a duration from now (30d, 12h).
         #[arg(long)]
         expires: Option<String>,
+        /// Store the model as a zstd patch against the model in OLD.flb (a delta update: a
+        /// device that holds that model downloads only the difference).
+        #[arg(long, value_name = "OLD.flb")]
+        delta_from: Option<PathBuf>,
         #[arg(long, value_name = "B.flb")]
         out: PathBuf,
     },
@@ -115,6 +119,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             latency_budget,
             backends,
             expires,
+            delta_from,
             out: path,
         } => {
             let bytes = std::fs::read(&model).with_context(|| format!("reading model {}", model.display()))?;
@@ -127,6 +132,11 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                 latency_budget.map(|l| parse_duration(&l).map(|d| d.as_micros() as u64)).transpose()?;
             opts.backends = backends;
             opts.expires = expires.map(|e| parse_time(&e, now)).transpose()?;
+            if let Some(old) = &delta_from {
+                let old_bytes = std::fs::read(old).with_context(|| format!("reading {}", old.display()))?;
+                opts.delta_base =
+                    Some(flotilla_builder::model_of(&old_bytes).with_context(|| format!("base {}", old.display()))?);
+            }
             let sig = signature(&opts)?;
             for g in &golden_files {
                 opts.golden.extend(golden::read(g, &sig)?);
@@ -137,7 +147,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             match out {
                 Output::Json => output::json(&serde_json::json!({
                     "bundle": path, "name": m.name, "version": m.version, "size": built.bytes.len(),
-                    "golden_cases": opts.golden.len(), "signed": false,
+                    "golden_cases": opts.golden.len(), "signed": false, "delta": opts.delta_base.is_some(),
                 })),
                 Output::Table => {
                     println!(
@@ -154,6 +164,16 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                         println!("  output {} {} [{}]", t.name, t.dtype.as_str(), dims(&t.shape));
                     }
                     println!("  golden cases: {}", opts.golden.len());
+                    if let Some(a) = m.artifact(flotilla_bundle::manifest::Role::Model)
+                        && let flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } = &a.encoding
+                    {
+                        println!(
+                            "  model stored as a delta: {} bytes for {} (base {})",
+                            a.stored_size,
+                            a.size,
+                            &base_sha256[..12]
+                        );
+                    }
                     println!("next: flotilla bundle sign {} --key KEY.key", path.display());
                     Ok(())
                 }

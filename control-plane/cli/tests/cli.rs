@@ -309,3 +309,58 @@ fn trust_roots_with_thresholds_offline_signing_and_rotation() {
     ok(&["bundle", "verify", s(&b), "--trust-root", s(&root1)], None);
     assert!(!flotilla(&["bundle", "verify", s(&b), "--trust-root", s(&root2)], None).status.success());
 }
+
+#[test]
+fn delta_bundles_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("f32.onnx"), digits::MODEL).unwrap();
+    std::fs::write(d.join("int8.onnx"), digits::MODEL_INT8).unwrap();
+    let (v1, v2) = (d.join("v1.flb"), d.join("v2.flb"));
+    ok(
+        &["bundle", "build", "--name", "digits", "--version", "1", "--model", s(&d.join("f32.onnx")), "--out", s(&v1)],
+        None,
+    );
+    let out = ok(
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "2",
+            "--model",
+            s(&d.join("int8.onnx")),
+            "--delta-from",
+            s(&v1),
+            "--out",
+            s(&v2),
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["delta"], true);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "inspect", s(&v2), "-o", "json"], None)).unwrap();
+    assert!(inspect["artifacts"][0]["encoding"].as_str().unwrap().starts_with("zstd-patch from "), "{inspect}");
+    // A delta cannot be the base of another delta.
+    let out = flotilla(
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "3",
+            "--model",
+            s(&d.join("f32.onnx")),
+            "--delta-from",
+            s(&v2),
+            "--out",
+            s(&d.join("v3.flb")),
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is itself a delta"));
+}
