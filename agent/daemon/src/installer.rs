@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,7 +153,17 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     // 2. Downloading (resumes from what is on disk).
     journal("downloading");
     let part = ctx.cfg.data_dir.join("staging").join(format!("{}.part", offer.bundle_id));
-    fetch_over_mqtt(ctx, offer, &part).await.or_else(|e| fail(Downloading, e))?;
+    let mut fetched = false;
+    if let Some(url) = &offer.url {
+        match fetch_over_http(ctx, offer, url, &part).await {
+            Ok(()) => fetched = true,
+            // Both transports write the same .part file, so MQTT resumes where HTTP stopped.
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), %url, "HTTP download failed; continuing over MQTT"),
+        }
+    }
+    if !fetched {
+        fetch_over_mqtt(ctx, offer, &part).await.or_else(|e| fail(Downloading, e))?;
+    }
 
     // 3. Verifying: the file is the offered one, its manifest the verified one, artifacts intact.
     journal("verifying");
@@ -283,15 +293,73 @@ fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Download the bundle in chunks over MQTT into `part`, resuming from its length.
-async fn fetch_over_mqtt(ctx: &Arc<Ctx>, offer: &InstallOffer, part: &PathBuf) -> anyhow::Result<()> {
+/// Open the staging file for appending; a file longer than the bundle is garbage and starts over.
+fn open_part(part: &Path, size: u64) -> anyhow::Result<(std::fs::File, u64)> {
     std::fs::create_dir_all(part.parent().expect("staging dir"))?;
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(part)?;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(part)?;
     let mut have = file.metadata()?.len();
-    if have > offer.size {
+    if have > size {
         file.set_len(0)?;
         have = 0;
     }
+    Ok((file, have))
+}
+
+/// Download over HTTP with `Range`, resuming from the bytes already in `part`.
+async fn fetch_over_http(ctx: &Arc<Ctx>, offer: &InstallOffer, url: &str, part: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(url.starts_with("http://") || url.starts_with("https://"), "unsupported URL scheme in {url:?}");
+    let (mut file, mut have) = open_part(part, offer.size)?;
+    if have == offer.size {
+        return Ok(());
+    }
+    let client =
+        reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).read_timeout(CHUNK_TIMEOUT).build()?;
+    let mut resp = client.get(url).header(reqwest::header::RANGE, format!("bytes={have}-")).send().await?;
+    match resp.status().as_u16() {
+        206 => {
+            let start = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            anyhow::ensure!(start == Some(have), "server answered a range starting at {start:?}, asked for {have}");
+        }
+        200 => {
+            // The server ignored the range: start over.
+            file.set_len(0)?;
+            have = 0;
+        }
+        s => anyhow::bail!("HTTP {s} from {url}"),
+    }
+    let mut last_progress = have;
+    while let Some(bytes) = resp.chunk().await? {
+        anyhow::ensure!(
+            have + bytes.len() as u64 <= offer.size,
+            "server sent more than the offered {} bytes",
+            offer.size
+        );
+        file.write_all(&bytes)?;
+        have += bytes.len() as u64;
+        if (have - last_progress) * 10 >= offer.size || have == offer.size {
+            last_progress = have;
+            ctx.publish_event(Event::InstallProgress {
+                offer_id: offer.offer_id.clone(),
+                received: have,
+                total: offer.size,
+            })
+            .await;
+        }
+    }
+    anyhow::ensure!(have == offer.size, "download ended at {have} of {} bytes", offer.size);
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Download the bundle in chunks over MQTT into `part`, resuming from its length.
+async fn fetch_over_mqtt(ctx: &Arc<Ctx>, offer: &InstallOffer, part: &Path) -> anyhow::Result<()> {
+    let (mut file, mut have) = open_part(part, offer.size)?;
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
     ctx.chunk_routes.lock().expect("routes lock").insert(offer.bundle_id.clone(), tx);
     let _route = RouteGuard { ctx: ctx.clone(), bundle_id: offer.bundle_id.clone() };

@@ -57,7 +57,7 @@ async fn step(s: &Shared) -> anyhow::Result<()> {
                 size: bundle.size,
                 head: bundle.head.clone(),
                 chunk_size: flotilla_proto::DEFAULT_CHUNK_SIZE,
-                url: None,
+                url: s.public_url.as_ref().map(|u| format!("{u}/api/v1/bundles/{}", bundle.id)),
             };
             let payload = flotilla_proto::encode(&Msg::new(crate::new_id(), crate::now_ms(), Command::Install(offer)));
             s.mqtt.publish(s.topics.device(&rd.device_id, Channel::Cmd), QoS::AtLeastOnce, false, payload).await?;

@@ -224,7 +224,10 @@ async fn on_fetch(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Resu
     let (id, off, len) = (req.bundle_id.clone(), req.offset, req.len);
     let read = tokio::task::spawn_blocking(move || files.read_range(&id, off, len)).await?;
     let chunk = match read {
-        Ok((data, total)) => Chunk { bundle_id: req.bundle_id, offset: req.offset, total, data, error: None },
+        Ok((data, total)) => {
+            s.served_mqtt.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Chunk { bundle_id: req.bundle_id, offset: req.offset, total, data, error: None }
+        }
         Err(e) => {
             Chunk { bundle_id: req.bundle_id, offset: req.offset, total: 0, data: vec![], error: Some(e.to_string()) }
         }

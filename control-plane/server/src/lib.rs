@@ -41,6 +41,10 @@ pub struct ServerConfig {
     /// When set, pushed bundles must verify under it.
     pub trust_root: Option<PathBuf>,
     pub topic_prefix: String,
+    /// Base URL devices use to download bundles over HTTP (Range, resumable). Defaults to
+    /// `http://{http}` unless the server listens on an unspecified address; without one,
+    /// bundles travel in MQTT chunks only.
+    pub public_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -54,6 +58,7 @@ impl ServerConfig {
             broker_password: None,
             trust_root: None,
             topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
+            public_url: None,
         }
     }
 }
@@ -69,6 +74,11 @@ pub struct Shared {
     pub wake: Notify,
     /// Notified after each (re)subscription to the device topics.
     pub connected: Notify,
+    /// Where offers tell devices to download bundles (`{public_url}/api/v1/bundles/{id}`).
+    pub public_url: Option<String>,
+    /// Bundle bytes served, per transport (for metrics and the transfer tests).
+    pub served_mqtt: std::sync::atomic::AtomicU64,
+    pub served_http: std::sync::atomic::AtomicU64,
 }
 
 pub struct Server {
@@ -118,6 +128,14 @@ impl Server {
                 .next()
                 .with_context(|| format!("cannot resolve broker {}", login.host))?,
         };
+        let listener =
+            tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP on {}", cfg.http))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = cfg
+            .public_url
+            .clone()
+            .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("http://{http_addr}")))
+            .map(|u| u.trim_end_matches('/').to_string());
         let (client, eventloop) = fleet::client(&login);
         let shared = Arc::new(Shared {
             store,
@@ -127,11 +145,11 @@ impl Server {
             trust: RwLock::new(trust),
             wake: Notify::new(),
             connected: Notify::new(),
+            public_url,
+            served_mqtt: Default::default(),
+            served_http: Default::default(),
         });
         let cancel = CancellationToken::new();
-        let listener =
-            tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP on {}", cfg.http))?;
-        let http_addr = listener.local_addr()?;
         let mut tasks = Vec::new();
         let connected = shared.connected.notified();
         tasks.push(tokio::spawn(fleet::run(shared.clone(), eventloop, cancel.clone())));

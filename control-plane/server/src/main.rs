@@ -39,6 +39,10 @@ struct Args {
     /// Refuse pushed bundles that do not verify under this trust root.
     #[arg(long)]
     trust_root: Option<PathBuf>,
+    /// Base URL devices download bundles from over HTTP (default http://HTTP-ADDRESS unless it
+    /// is 0.0.0.0; without one, bundles travel in MQTT chunks only).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
     /// MQTT topic prefix.
     #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
     topic_prefix: String,
@@ -62,6 +66,7 @@ async fn main() {
     cfg.broker_password = a.broker_password;
     cfg.trust_root = a.trust_root;
     cfg.topic_prefix = a.topic_prefix;
+    cfg.public_url = a.public_url;
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

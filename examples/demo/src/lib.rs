@@ -25,11 +25,13 @@ pub struct FleetOptions {
     /// Give the server the fleet's trust root, so it refuses pushes that would not verify.
     /// Off, only the devices judge bundles (to test that they do).
     pub server_checks_signatures: bool,
+    /// Base URL put in offers for HTTP downloads (None: the server's own HTTP address).
+    pub public_url: Option<String>,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        FleetOptions { external_broker: None, server_checks_signatures: true }
+        FleetOptions { external_broker: None, server_checks_signatures: true, public_url: None }
     }
 }
 
@@ -79,6 +81,7 @@ impl Fleet {
         cfg.mqtt = "127.0.0.1:0".parse()?;
         cfg.external_broker = opts.external_broker;
         cfg.trust_root = opts.server_checks_signatures.then(|| root_path.clone());
+        cfg.public_url = opts.public_url;
         let server = Server::start(cfg).await?;
         let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
         for i in 0..devices {

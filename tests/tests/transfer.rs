@@ -1,0 +1,52 @@
+//! Resumable transfer on both transports: a download interrupted earlier (half the bundle is
+//! already in the agent's staging file) resumes from there; nothing already on disk is fetched
+//! again. When HTTP cannot be reached the agent continues over MQTT from the same file.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use flotilla_demo::{Fleet, FleetOptions, digits};
+
+async fn resume_case(opts: FleetOptions) -> (u64, u64, u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start_with(dir.path(), 1, opts).await.unwrap();
+    let samples = digits::samples();
+    // Golden cases make the bundle a few chunks' worth of bytes at a small chunk size too.
+    let bundle = fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples)).unwrap();
+    let pushed = fleet.push(bundle.clone()).await.unwrap();
+    let half = bundle.len() / 2;
+    let staging = dir.path().join("agents/dev-0/staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join(format!("{}.part", pushed.id)), &bundle[..half]).unwrap();
+
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+    let resp = fleet.infer("dev-0", "digits", &digits::request(&samples)).await.unwrap();
+    assert_eq!(digits::classes(&resp.outputs[0].data), samples.iter().map(|s| s.label).collect::<Vec<_>>());
+    assert!(!staging.join(format!("{}.part", pushed.id)).exists(), "the staging file is removed after install");
+    let shared = fleet.server.shared();
+    let out = (
+        bundle.len() as u64,
+        half as u64,
+        shared.served_http.load(Ordering::Relaxed),
+        shared.served_mqtt.load(Ordering::Relaxed),
+    );
+    fleet.shutdown().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_download_resumes_from_the_staged_bytes() {
+    let (size, half, http, mqtt) = resume_case(FleetOptions::default()).await;
+    assert_eq!(http, size - half, "HTTP served exactly the missing bytes");
+    assert_eq!(mqtt, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_http_falls_back_to_mqtt_chunks_and_still_resumes() {
+    // Nothing listens on port 1 of the loopback: the HTTP attempt is refused at once.
+    let opts = FleetOptions { public_url: Some("http://127.0.0.1:1".into()), ..FleetOptions::default() };
+    let (size, half, http, mqtt) = resume_case(opts).await;
+    assert_eq!(http, 0);
+    assert_eq!(mqtt, size - half, "MQTT served exactly the missing bytes");
+}
