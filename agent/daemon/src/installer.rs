@@ -293,6 +293,21 @@ fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Report download progress each time another tenth of the bundle arrived, and at the end.
+/// Both transports report through here, so the control plane sees one cadence.
+async fn report_progress(ctx: &Ctx, offer: &InstallOffer, have: u64, last: &mut u64) {
+    let tenth = |n: u64| n * 10 / offer.size.max(1);
+    if tenth(have) > tenth(*last) || (have == offer.size && *last != have) {
+        *last = have;
+        ctx.publish_event(Event::InstallProgress {
+            offer_id: offer.offer_id.clone(),
+            received: have,
+            total: offer.size,
+        })
+        .await;
+    }
+}
+
 /// Open the staging file for appending; a file longer than the bundle is garbage and starts over.
 fn open_part(part: &Path, size: u64) -> anyhow::Result<(std::fs::File, u64)> {
     std::fs::create_dir_all(part.parent().expect("staging dir"))?;
@@ -342,15 +357,7 @@ async fn fetch_over_http(ctx: &Arc<Ctx>, offer: &InstallOffer, url: &str, part: 
         );
         file.write_all(&bytes)?;
         have += bytes.len() as u64;
-        if (have - last_progress) * 10 >= offer.size || have == offer.size {
-            last_progress = have;
-            ctx.publish_event(Event::InstallProgress {
-                offer_id: offer.offer_id.clone(),
-                received: have,
-                total: offer.size,
-            })
-            .await;
-        }
+        report_progress(ctx, offer, have, &mut last_progress).await;
     }
     anyhow::ensure!(have == offer.size, "download ended at {have} of {} bytes", offer.size);
     file.sync_all()?;
@@ -400,15 +407,7 @@ async fn fetch_over_mqtt(ctx: &Arc<Ctx>, offer: &InstallOffer, part: &Path) -> a
                 }
                 early.retain(|&off, _| off > have);
                 stalls = 0;
-                if have * 10 / offer.size.max(1) > last_progress * 10 / offer.size.max(1) || have == offer.size {
-                    last_progress = have;
-                    ctx.publish_event(Event::InstallProgress {
-                        offer_id: offer.offer_id.clone(),
-                        received: have,
-                        total: offer.size,
-                    })
-                    .await;
-                }
+                report_progress(ctx, offer, have, &mut last_progress).await;
             }
             Ok(None) => anyhow::bail!("agent shutting down"),
             Err(_) => {
