@@ -12,7 +12,16 @@ Outputs (next to this script):
   digits_cnn_fc_retrained.onnx
                              digits_cnn.onnx with only the last layer (Gemm `fc`) fine-tuned on
                              frozen features of "drifted" training images (x' = clip(0.6x+0.35, 0, 1));
-                             made last, with its own seed, so the files above do not change
+                             made after the files above, with its own seed, so they do not change
+  digits_cnn_wide.onnx       f32 CNN with the same input/output, whose last layer `fc` is only 1.4% of the
+                             weights: 3 Conv3x3+Relu (1->32->64->128, last stride 2), GlobalAveragePool,
+                             Flatten (`features` [N,128]), Gemm `fc`, Softmax. The conv weights are fixed
+                             random (He init, seed 2), a stand-in for a backbone pretrained elsewhere; only
+                             fc is trained (softmax regression on the frozen features)
+  digits_cnn_wide_fc_retrained.onnx
+                             digits_cnn_wide.onnx with only fc fine-tuned on drifted training images, same
+                             recipe as digits_cnn_fc_retrained.onnx; both wide files are made after all of
+                             the above, with their own seed, so the files above do not change
 
 Usage:
   python3 -m pip install -r examples/models/requirements.txt
@@ -51,6 +60,8 @@ INT8_PATH = os.path.join(OUT_DIR, "digits_cnn_int8_qdq.onnx")
 TEST_JSON = os.path.join(OUT_DIR, "digits_test.json")
 BASELINE_NPY = os.path.join(OUT_DIR, "digits_baseline.npy")
 FC_RETRAINED_PATH = os.path.join(OUT_DIR, "digits_cnn_fc_retrained.onnx")
+WIDE_PATH = os.path.join(OUT_DIR, "digits_cnn_wide.onnx")
+WIDE_FC_RETRAINED_PATH = os.path.join(OUT_DIR, "digits_cnn_wide_fc_retrained.onnx")
 
 SEED = 0
 OPSET = 13
@@ -67,6 +78,12 @@ RETRAIN_EPOCHS = 10
 RETRAIN_BATCH = 32
 RETRAIN_LR = 1e-3
 DRIFT_GAIN, DRIFT_OFFSET = 0.6, 0.35
+# wide model whose last layer is a small share of the weights (runs after everything above is written)
+WIDE_SEED = 2  # backbone init and fc training; its fc retraining reuses the RETRAIN_* settings above
+WIDE_CONVS = ((32, 1), (64, 1), (128, 2))  # (out channels, stride), each 3x3 pad 1 + Relu
+WIDE_FC_EPOCHS = 200
+WIDE_FC_BATCH = 32
+WIDE_FC_LR = 1e-2
 
 
 def drift(x):
@@ -310,6 +327,53 @@ def features(p, x):
     return forward(p, x, cache=True)[1][-1]
 
 
+def fit_fc(f, y, w0, b0, epochs, batch, lr, seed, tag, print_every):
+    """Softmax regression of the last layer on frozen features `f` [n,d]: Adam on mean cross-entropy.
+
+    Starts from w0 [10,d] / b0 [10]; trains in float64; returns (w, b) as float64.
+    """
+    params = {"w": w0.astype(np.float64), "b": b0.astype(np.float64)}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(seed)
+    n, t = f.shape[0], 0
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        loss_sum = 0.0
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            probs = softmax(f[idx] @ params["w"].T + params["b"])
+            loss_sum += -np.log(probs[np.arange(len(idx)), y[idx]] + 1e-12).sum()
+            d = probs.copy()
+            d[np.arange(len(idx)), y[idx]] -= 1.0
+            d /= len(idx)
+            g = {"w": d.T @ f[idx], "b": d.sum(0)}
+            t += 1
+            for k in params:
+                m[k] = b1 * m[k] + (1 - b1) * g[k]
+                v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+                params[k] -= lr * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+        if epoch % print_every == print_every - 1 or epoch == epochs - 1:
+            acc = (softmax(f @ params["w"].T + params["b"]).argmax(1) == y).mean()
+            print(f"  epoch {epoch + 1:2d}: {tag} loss {loss_sum / n:.4f}, {tag} acc {acc:.4f}")
+    return params["w"], params["b"]
+
+
+def assert_only_fc_changed(base, saved):
+    """Every node, the graph doc_string and every initializer except fc.weight/fc.bias are byte-identical."""
+    assert [n.SerializeToString() for n in saved.graph.node] == [n.SerializeToString() for n in base.graph.node]
+    assert saved.graph.doc_string == base.graph.doc_string
+    changed = [a.name for a, c in zip(base.graph.initializer, saved.graph.initializer, strict=True)
+               if a.SerializeToString() != c.SerializeToString()]
+    assert sorted(changed) == ["fc.bias", "fc.weight"], changed
+    base_g, saved_g = onnx.GraphProto(), onnx.GraphProto()
+    base_g.CopyFrom(base.graph)
+    saved_g.CopyFrom(saved.graph)
+    del base_g.initializer[:], saved_g.initializer[:]
+    assert base_g.SerializeToString() == saved_g.SerializeToString()
+
+
 def retrain_fc(x_tr, y_tr, x_te, y_te):
     """Fine-tune only fc.weight/fc.bias of digits_cnn.onnx on drifted training images.
 
@@ -325,35 +389,10 @@ def retrain_fc(x_tr, y_tr, x_te, y_te):
 
     # frozen features, computed in f32 like the deployed model; the fc layer is trained in float64
     f_tr = features(p32, drift(x_tr).astype(np.float32)).astype(np.float64)
-    w = p32["w2"].astype(np.float64)  # start from the current fc weights
-    b = p32["b2"].astype(np.float64)
-    params = {"w": w, "b": b}
-    m = {k: np.zeros_like(v) for k, v in params.items()}
-    v = {k: np.zeros_like(v) for k, v in params.items()}
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    rng = np.random.default_rng(RETRAIN_SEED)
-    n, t = f_tr.shape[0], 0
-    for epoch in range(RETRAIN_EPOCHS):
-        order = rng.permutation(n)
-        loss_sum = 0.0
-        for s in range(0, n, RETRAIN_BATCH):
-            idx = order[s : s + RETRAIN_BATCH]
-            probs = softmax(f_tr[idx] @ params["w"].T + params["b"])
-            loss_sum += -np.log(probs[np.arange(len(idx)), y_tr[idx]] + 1e-12).sum()
-            d = probs.copy()
-            d[np.arange(len(idx)), y_tr[idx]] -= 1.0
-            d /= len(idx)
-            g = {"w": d.T @ f_tr[idx], "b": d.sum(0)}
-            t += 1
-            for k in params:
-                m[k] = b1 * m[k] + (1 - b1) * g[k]
-                v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
-                params[k] -= RETRAIN_LR * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
-        if epoch % 5 == 4 or epoch == RETRAIN_EPOCHS - 1:
-            acc = (softmax(f_tr @ params["w"].T + params["b"]).argmax(1) == y_tr).mean()
-            print(f"  epoch {epoch + 1:2d}: drifted train loss {loss_sum / n:.4f}, drifted train acc {acc:.4f}")
+    w, b = fit_fc(f_tr, y_tr, p32["w2"], p32["b2"],  # start from the current fc weights
+                  RETRAIN_EPOCHS, RETRAIN_BATCH, RETRAIN_LR, RETRAIN_SEED, "drifted train", 5)
 
-    q32 = dict(p32, w2=params["w"].astype(np.float32), b2=params["b"].astype(np.float32))
+    q32 = dict(p32, w2=w.astype(np.float32), b2=b.astype(np.float32))
     x_clean = x_te.astype(np.float32)
     x_drift = drift(x_te).astype(np.float32)
 
@@ -399,16 +438,7 @@ def retrain_fc(x_tr, y_tr, x_te, y_te):
 
     # structural check: only fc.weight / fc.bias differ from the base model
     saved = onnx.load(FC_RETRAINED_PATH)
-    assert [n.SerializeToString() for n in saved.graph.node] == [n.SerializeToString() for n in base.graph.node]
-    assert saved.graph.doc_string == base.graph.doc_string
-    changed = [a.name for a, c in zip(base.graph.initializer, saved.graph.initializer, strict=True)
-               if a.SerializeToString() != c.SerializeToString()]
-    assert sorted(changed) == ["fc.bias", "fc.weight"], changed
-    base_g, saved_g = onnx.GraphProto(), onnx.GraphProto()
-    base_g.CopyFrom(base.graph)
-    saved_g.CopyFrom(saved.graph)
-    del base_g.initializer[:], saved_g.initializer[:]
-    assert base_g.SerializeToString() == saved_g.SerializeToString()
+    assert_only_fc_changed(base, saved)
 
     # onnxruntime vs numpy f32 forward, on clean and drifted held-out images
     worst = 0.0
@@ -430,6 +460,240 @@ def retrain_fc(x_tr, y_tr, x_te, y_te):
         print(f"  {label:30s} {c:.4f} ({round(c * k):3d}/{k})  {d:.4f} ({round(d * k):3d}/{k})")
     if not accs["fc_drift"] > accs["orig_drift"] + 0.1:
         sys.exit("fc-retrained model does not clearly beat the original on drifted held-out images")
+    return accs
+
+
+# ----------------------------------------------------------------------------- wide model
+# Conv3x3(1->32) -> Relu -> Conv3x3(32->64) -> Relu -> Conv3x3(64->128, stride 2) -> Relu
+#   -> GlobalAveragePool -> Flatten (`features` [N,128]) -> Gemm `fc` (128->10) -> Softmax
+# The conv weights are fixed random (He init, seeded): a stand-in for a backbone pretrained
+# elsewhere. Only fc is trained here (softmax regression on the frozen features).
+
+
+def conv2d(x, w, b, stride):
+    """ONNX Conv with a 3x3 kernel, pads 1, the given stride. x [N,C,H,W], w [O,C,3,3] -> [N,O,H',W']."""
+    n, c, h, wd = x.shape
+    o = w.shape[0]
+    ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    cols = np.empty((n, ho, wo, c, 3, 3), dtype=x.dtype)
+    for di in range(3):
+        for dj in range(3):
+            cols[:, :, :, :, di, dj] = xp[:, :, di : di + stride * ho : stride,
+                                          dj : dj + stride * wo : stride].transpose(0, 2, 3, 1)
+    out = cols.reshape(n * ho * wo, c * 9) @ w.reshape(o, c * 9).T + b
+    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+
+
+def wide_init_backbone(rng):
+    p, cin = {}, 1
+    for i, (cout, _) in enumerate(WIDE_CONVS, 1):
+        p[f"conv{i}.weight"] = rng.normal(0.0, np.sqrt(2.0 / (cin * 9)), size=(cout, cin, 3, 3)).astype(np.float32)
+        p[f"conv{i}.bias"] = np.zeros(cout, dtype=np.float32)
+        cin = cout
+    return p
+
+
+def wide_features(p, x):
+    """ONNX tensor `features` [N,128] of the wide model (numpy, in the dtype of p and x)."""
+    h = x
+    for i, (_, stride) in enumerate(WIDE_CONVS, 1):
+        h = np.maximum(conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride), 0)
+    return h.mean(axis=(2, 3))
+
+
+def wide_forward(p, x):
+    return softmax(wide_features(p, x) @ p["fc.weight"].T + p["fc.bias"])
+
+
+def export_wide(p, acc, path):
+    inits = [numpy_helper.from_array(p[k], k) for k in p]  # conv1..3 weight/bias, then fc.weight, fc.bias
+    nodes, prev = [], "input"
+    for i, (_, stride) in enumerate(WIDE_CONVS, 1):
+        nodes.append(helper.make_node("Conv", [prev, f"conv{i}.weight", f"conv{i}.bias"], [f"conv{i}_out"],
+                                      name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                      strides=[stride, stride]))
+        nodes.append(helper.make_node("Relu", [f"conv{i}_out"], [f"relu{i}_out"], name=f"relu{i}"))
+        prev = f"relu{i}_out"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap_out"], name="gap"),
+        helper.make_node("Flatten", ["gap_out"], ["features"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc",
+                         alpha=1.0, beta=1.0, transA=0, transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_cnn_wide",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+        doc_string="8x8 digit classifier: Conv3x3(1->32,pad1)-Relu-Conv3x3(32->64,pad1)-Relu-"
+                   "Conv3x3(64->128,pad1,stride2)-Relu-GlobalAveragePool-Flatten-Gemm(128->10)-Softmax",
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="flotilla-examples-make_digits",
+        producer_version="1",
+        ir_version=IR_VERSION,
+        doc_string=(
+            "Wide CNN for scikit-learn load_digits (pixels/16 in [0,1]), stratified 75/25 split seed "
+            f"{SEED}. The conv weights are fixed random (He init, seed {WIDE_SEED}, zero biases), a stand-in "
+            "for a backbone pretrained elsewhere; only fc was trained (softmax regression on the frozen "
+            f"features, Adam, {WIDE_FC_EPOCHS} epochs, lr {WIDE_FC_LR}). Held-out accuracy {acc:.4f}."
+        ),
+    )
+    model.model_version = 1
+    helper.set_model_props(model, {
+        "heldout_accuracy": f"{acc:.6f}",
+        "dataset": "sklearn.datasets.load_digits, x/16, stratified 75/25 split, random_state=0",
+        "input_scaling": "pixel/16.0",
+        "labels": "0,1,2,3,4,5,6,7,8,9",
+        "backbone": f"conv1..conv3 fixed random (He init, seed {WIDE_SEED}, zero biases), not trained",
+        "retrainable_last_layer": "fc (Gemm, input tensor 'features' [N,128], transB=1)",
+    })
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return model
+
+
+def check_ort(path, p, x, y, label):
+    """onnxruntime vs the numpy f32 forward pass; returns the onnxruntime accuracy."""
+    probs_np = wide_forward(p, x).astype(np.float32)
+    probs_ort = run_ort(path, x)
+    diff = float(np.abs(probs_ort - probs_np).max())
+    acc = float((probs_ort.argmax(1) == y).mean())
+    print(f"  onnxruntime {os.path.basename(path)} {label}: accuracy {acc:.4f}, max |ort - numpy| = {diff:.2e}")
+    if diff >= 1e-5:
+        sys.exit(f"{path}: onnxruntime and numpy disagree: {diff}")
+    if acc != float((probs_np.argmax(1) == y).mean()):
+        sys.exit(f"{path}: onnxruntime and numpy accuracies differ on {label} held-out")
+    return acc
+
+
+def initializer_bytes(path):
+    """Per-initializer payload bytes and the fc share of them."""
+    m = onnx.load(path)
+    total = sum(len(i.raw_data) for i in m.graph.initializer)
+    n_params = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
+    print(f"  {os.path.basename(path)}: {os.path.getsize(path)} bytes file, {total} bytes of initializers, "
+          f"{n_params} parameters")
+    for i in m.graph.initializer:
+        print(f"    {i.name:12s} {str(list(i.dims)):16s} {len(i.raw_data):8d} bytes  {100 * len(i.raw_data) / total:6.2f}%")
+    fc = sum(len(i.raw_data) for i in m.graph.initializer if i.name.startswith("fc."))
+    print(f"    fc.weight + fc.bias: {fc} bytes = {100 * fc / total:.2f}% of initializer bytes, "
+          f"{100 * fc / os.path.getsize(path):.2f}% of the file")
+    return fc, total
+
+
+def fc_delta(base_path, new_path):
+    """How many bytes a last-layer retrain really changes (payload, and file with doc/metadata restored)."""
+    base, new = onnx.load(base_path), onnx.load(new_path)
+    for name in ("fc.weight", "fc.bias"):
+        a = next(i for i in base.graph.initializer if i.name == name)
+        c = next(i for i in new.graph.initializer if i.name == name)
+        nb = sum(x != y for x, y in zip(a.raw_data, c.raw_data, strict=True))
+        nf = int((numpy_helper.to_array(a) != numpy_helper.to_array(c)).sum())
+        print(f"  {name}: {nb} of {len(a.raw_data)} payload bytes differ ({nf} of {len(a.raw_data) // 4} floats)")
+    new.doc_string = base.doc_string
+    del new.metadata_props[:]
+    new.metadata_props.extend(base.metadata_props)
+    rb = new.SerializeToString()
+    with open(base_path, "rb") as f:
+        bb = f.read()
+    assert len(rb) == len(bb)
+    nd = sum(x != y for x, y in zip(rb, bb, strict=True))
+    print(f"  {os.path.basename(new_path)} is {os.path.getsize(new_path)} bytes vs {len(bb)}; with the base "
+          f"doc_string/metadata put back it is {len(rb)} bytes and differs from the base file in {nd} bytes")
+
+
+def make_wide(x_tr, y_tr, x_te, y_te):
+    """digits_cnn_wide.onnx (random frozen backbone, trained fc) and its fc-only drift retrain."""
+    print("wide model: fixed random conv backbone, training fc only ...")
+    p = wide_init_backbone(np.random.default_rng(WIDE_SEED))
+    # frozen features computed in f32 like the deployed model; fc is trained in float64
+    f_tr = wide_features(p, x_tr.astype(np.float32)).astype(np.float64)
+    w, b = fit_fc(f_tr, y_tr, np.zeros((10, f_tr.shape[1])), np.zeros(10),
+                  WIDE_FC_EPOCHS, WIDE_FC_BATCH, WIDE_FC_LR, WIDE_SEED, "train", 50)
+    p["fc.weight"], p["fc.bias"] = w.astype(np.float32), b.astype(np.float32)
+    x_clean = x_te.astype(np.float32)
+    x_drift = drift(x_te).astype(np.float32)
+    acc = float((wide_forward(p, x_clean).argmax(1) == y_te).mean())
+    if acc < 0.85:
+        sys.exit(f"wide model held-out accuracy {acc:.4f} < 0.85")
+    export_wide(p, acc, WIDE_PATH)
+
+    # fc-only retraining on drifted training images: same recipe as retrain_fc, on the model read back from disk
+    print(f"wide model: retraining fc on drifted training images (x' = clip({DRIFT_GAIN}*x + {DRIFT_OFFSET}, 0, 1)) ...")
+    base = onnx.load(WIDE_PATH)
+    p32 = {i.name: numpy_helper.to_array(i) for i in base.graph.initializer}
+    f_tr = wide_features(p32, drift(x_tr).astype(np.float32)).astype(np.float64)
+    w, b = fit_fc(f_tr, y_tr, p32["fc.weight"], p32["fc.bias"],
+                  RETRAIN_EPOCHS, RETRAIN_BATCH, RETRAIN_LR, RETRAIN_SEED, "drifted train", 5)
+    q32 = dict(p32, **{"fc.weight": w.astype(np.float32), "fc.bias": b.astype(np.float32)})
+
+    def acc_of(pp, x):
+        return float((wide_forward(pp, x).argmax(1) == y_te).mean())
+
+    accs = {
+        "orig_clean": acc_of(p32, x_clean), "orig_drift": acc_of(p32, x_drift),
+        "fc_clean": acc_of(q32, x_clean), "fc_drift": acc_of(q32, x_drift),
+    }
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    for init in model.graph.initializer:
+        if init.name in ("fc.weight", "fc.bias"):
+            init.CopyFrom(numpy_helper.from_array(q32[init.name], init.name))
+    model.doc_string = (
+        "digits_cnn_wide.onnx with only the last layer (Gemm 'fc': fc.weight, fc.bias) retrained after simulated "
+        f"camera drift x' = clip({DRIFT_GAIN}*x + {DRIFT_OFFSET}, 0, 1): Adam on cross-entropy, {RETRAIN_EPOCHS} epochs, "
+        f"lr {RETRAIN_LR}, batch {RETRAIN_BATCH}, seed {RETRAIN_SEED}, on frozen 'features' of the drifted training "
+        "images, starting from the original fc weights. All other initializers and nodes are unchanged. "
+        f"Held-out accuracy clean {accs['fc_clean']:.4f}, drifted {accs['fc_drift']:.4f} "
+        f"(original model: clean {accs['orig_clean']:.4f}, drifted {accs['orig_drift']:.4f})."
+    )
+    del model.metadata_props[:]
+    helper.set_model_props(model, {
+        "heldout_accuracy": f"{accs['fc_clean']:.6f}",
+        "heldout_accuracy_drifted": f"{accs['fc_drift']:.6f}",
+        "base_model": "digits_cnn_wide.onnx",
+        "base_heldout_accuracy": f"{accs['orig_clean']:.6f}",
+        "base_heldout_accuracy_drifted": f"{accs['orig_drift']:.6f}",
+        "retrained_layers": "fc (fc.weight, fc.bias)",
+        "drift_transform": f"x' = clip({DRIFT_GAIN}*x + {DRIFT_OFFSET}, 0, 1) on pixel/16 inputs",
+        "dataset": "sklearn.datasets.load_digits, x/16, stratified 75/25 split, random_state=0",
+        "input_scaling": "pixel/16.0",
+        "labels": "0,1,2,3,4,5,6,7,8,9",
+        "backbone": f"conv1..conv3 fixed random (He init, seed {WIDE_SEED}, zero biases), not trained",
+        "retrainable_last_layer": "fc (Gemm, input tensor 'features' [N,128], transB=1)",
+    })
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, WIDE_FC_RETRAINED_PATH)
+    assert_only_fc_changed(base, onnx.load(WIDE_FC_RETRAINED_PATH))
+
+    # onnxruntime vs numpy, both models, clean and drifted held-out images
+    got = {
+        "orig_clean": check_ort(WIDE_PATH, p32, x_clean, y_te, "clean"),
+        "orig_drift": check_ort(WIDE_PATH, p32, x_drift, y_te, "drifted"),
+        "fc_clean": check_ort(WIDE_FC_RETRAINED_PATH, q32, x_clean, y_te, "clean"),
+        "fc_drift": check_ort(WIDE_FC_RETRAINED_PATH, q32, x_drift, y_te, "drifted"),
+    }
+    assert got == accs, (got, accs)
+    k = len(y_te)
+    print(f"held-out accuracy ({k} images)          clean            drifted")
+    for label, c, d in (("digits_cnn_wide.onnx", accs["orig_clean"], accs["orig_drift"]),
+                        ("digits_cnn_wide_fc_retrained.onnx", accs["fc_clean"], accs["fc_drift"])):
+        print(f"  {label:35s} {c:.4f} ({round(c * k):3d}/{k})  {d:.4f} ({round(d * k):3d}/{k})")
+    if not accs["fc_drift"] > accs["orig_drift"] + 0.1:
+        sys.exit("wide fc-retrained model does not clearly beat the original on drifted held-out images")
+
+    print("initializer bytes:")
+    initializer_bytes(F32_PATH)
+    initializer_bytes(WIDE_PATH)
+    print("fc-only retrain deltas:")
+    fc_delta(F32_PATH, FC_RETRAINED_PATH)
+    fc_delta(WIDE_PATH, WIDE_FC_RETRAINED_PATH)
     return accs
 
 
@@ -552,12 +816,16 @@ def main():
     # Last step, after every file above is written: its own seed, reads digits_cnn.onnx back from disk.
     retrain_fc(x_tr, y_tr, x_te, y_te)
     describe(FC_RETRAINED_PATH)
+    # After that, again with its own seed: the wide model and its fc-only retrain.
+    make_wide(x_tr, y_tr, x_te, y_te)
+    describe(WIDE_PATH)
+    describe(WIDE_FC_RETRAINED_PATH)
 
     print("files:")
-    for path in (F32_PATH, INT8_PATH, TEST_JSON, BASELINE_NPY, FC_RETRAINED_PATH):
+    for path in (F32_PATH, INT8_PATH, TEST_JSON, BASELINE_NPY, FC_RETRAINED_PATH, WIDE_PATH, WIDE_FC_RETRAINED_PATH):
         with open(path, "rb") as f:
             h = hashlib.sha256(f.read()).hexdigest()
-        print(f"  {os.path.basename(path):28s} {os.path.getsize(path):8d} bytes  sha256 {h}")
+        print(f"  {os.path.basename(path):33s} {os.path.getsize(path):8d} bytes  sha256 {h}")
     print(f"done in {time.time() - t0:.1f}s")
 
 

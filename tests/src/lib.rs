@@ -1,1 +1,135 @@
-//! End-to-end tests live in `tests/`; this crate has no library code.
+//! End-to-end tests live in `tests/`. This library holds what they share: a TCP proxy on the
+//! loopback that can throttle and cut real connections (HTTP or MQTT alike).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// A proxy from a fresh `127.0.0.1` port to `target`.
+///
+/// Downstream bytes (target → client) can be throttled; [`Proxy::cut_after`] arms a one-shot cut:
+/// once that many downstream bytes passed in all, every open connection is closed mid-stream.
+/// Later connections pass normally.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: std::sync::Mutex<SocketAddr>,
+    /// Downstream bytes per second; 0 is unlimited.
+    rate: AtomicU64,
+    downstream: AtomicU64,
+    cut_at: AtomicU64,
+    cut_done: AtomicBool,
+    cut: Notify,
+    cuts: AtomicU64,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            target: std::sync::Mutex::new(target),
+            rate: AtomicU64::new(0),
+            downstream: AtomicU64::new(0),
+            cut_at: AtomicU64::new(u64::MAX),
+            cut_done: AtomicBool::new(false),
+            cut: Notify::new(),
+            cuts: AtomicU64::new(0),
+        });
+        let i = inner.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let i = i.clone();
+                tokio::spawn(async move {
+                    let target = *i.target.lock().expect("target lock");
+                    if let Ok(upstream) = TcpStream::connect(target).await {
+                        relay(i, client, upstream).await;
+                    }
+                });
+            }
+        });
+        Ok(Proxy { addr, inner })
+    }
+
+    /// Send new connections to `target` (for a proxy started before its target existed).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.inner.target.lock().expect("target lock") = target;
+    }
+
+    /// Throttle downstream to about `bytes_per_s` (0: unlimited).
+    pub fn throttle(&self, bytes_per_s: u64) {
+        self.inner.rate.store(bytes_per_s, Ordering::Relaxed);
+    }
+
+    /// Cut every open connection once `n` more downstream bytes have passed.
+    pub fn cut_after(&self, n: u64) {
+        let now = self.inner.downstream.load(Ordering::Relaxed);
+        self.inner.cut_done.store(false, Ordering::Relaxed);
+        self.inner.cut_at.store(now + n, Ordering::Relaxed);
+    }
+
+    /// Downstream bytes that reached clients.
+    pub fn downstream(&self) -> u64 {
+        self.inner.downstream.load(Ordering::Relaxed)
+    }
+
+    /// How many times connections were cut.
+    pub fn cuts(&self) -> u64 {
+        self.inner.cuts.load(Ordering::Relaxed)
+    }
+}
+
+async fn relay(i: Arc<Inner>, client: TcpStream, upstream: TcpStream) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let up = async move {
+        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+        let _ = uw.shutdown().await;
+    };
+    let i2 = i.clone();
+    let down = async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            // Never pass more than the cut allows, so the cut lands on its byte.
+            let before = i2.downstream.load(Ordering::Relaxed);
+            let room = i2.cut_at.load(Ordering::Relaxed).saturating_sub(before);
+            if room == 0 {
+                // The first connection to hit the mark cuts them all, then disarms the cut.
+                if !i2.cut_done.swap(true, Ordering::Relaxed) {
+                    i2.cuts.fetch_add(1, Ordering::Relaxed);
+                    i2.cut_at.store(u64::MAX, Ordering::Relaxed);
+                    i2.cut.notify_waiters();
+                }
+                return;
+            }
+            let want = buf.len().min(room.min(usize::MAX as u64) as usize);
+            let n = match ur.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            i2.downstream.fetch_add(n as u64, Ordering::Relaxed);
+            let rate = i2.rate.load(Ordering::Relaxed);
+            if rate > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+            }
+        }
+    };
+    // Whichever ends first (or a cut anywhere) closes both directions.
+    let cut = i.cut.notified();
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = cut => {}
+    }
+}

@@ -85,7 +85,7 @@ async fn tampered_bundles_are_refused_and_the_old_version_keeps_serving() {
     assert_eq!(r.state, "completed", "{r:?}");
 
     // v2: one byte of the model flipped after signing.
-    let mut v2 = fleet.bundle("digits", 2, digits::MODEL, golden()).unwrap();
+    let mut v2 = fleet.bundle("digits", 2, digits::MODEL_INT8, golden()).unwrap();
     flip_model_byte(&mut v2);
     fleet.push(v2).await.unwrap();
     let r = fleet.wait_rollout(&fleet.start_rollout("digits@2").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
@@ -174,29 +174,62 @@ async fn bad_inference_requests_get_clear_400s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_delta_bundle_installs_against_the_model_the_device_holds() {
+async fn delta_bundles_send_the_patch_to_devices_holding_the_base_and_the_full_model_to_others() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::start(dir.path(), 1).await.unwrap();
+    let mut fleet = Fleet::start(dir.path(), 1).await.unwrap();
     let samples = digits::samples();
-    fleet.push(fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..2])).unwrap()).await.unwrap();
+    let build = |version, model: &[u8], base: Option<&[u8]>, delta_only| {
+        let mut opts =
+            flotilla_builder::BuildOptions::new("digits", version, model.to_vec(), flotilla_demo::unix_now());
+        opts.golden = digits::golden(&samples[..2]);
+        opts.delta_base = base.map(<[u8]>::to_vec);
+        opts.delta_only = delta_only;
+        sign(&flotilla_builder::build(&opts).unwrap().bytes, &fleet.key).unwrap()
+    };
+    let v1 = build(1, digits::MODEL_WIDE, None, false);
+    // v2: only the last layer retrained, stored as a patch against v1 plus the full form.
+    let v2 = build(2, digits::MODEL_WIDE_FC_RETRAINED, Some(digits::MODEL_WIDE), false);
+    // v3: a patch against v1 only (no full form).
+    let v3 = build(3, digits::MODEL, Some(digits::MODEL_WIDE), true);
+
+    // dev-0 runs v1 (the wide model); dev-1 joins later with nothing installed.
+    fleet.push(v1).await.unwrap();
     let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
     assert_eq!(r.state, "completed", "{r:?}");
+    fleet.start_agent("dev-1").await.unwrap();
+    fleet.wait_devices_online(2).await.unwrap();
 
-    // v2 carries the int8 model as a zstd patch against v1's model.
-    let mut opts =
-        flotilla_builder::BuildOptions::new("digits", 2, digits::MODEL_INT8.to_vec(), flotilla_demo::unix_now());
-    opts.golden = digits::golden(&samples[..2]);
-    opts.delta_base = Some(digits::MODEL.to_vec());
-    let v2 = sign(&flotilla_builder::build(&opts).unwrap().bytes, &fleet.key).unwrap();
-    let (doc, _) = parse_envelope(&v2).unwrap();
+    let (doc, data_offset) = parse_envelope(&v2).unwrap();
     let model = decode_manifest(&doc.signed).unwrap().artifact(Role::Model).unwrap().clone();
+    let golden = decode_manifest(&doc.signed).unwrap().artifact(Role::Golden).unwrap().stored_size;
     assert!(matches!(model.encoding, flotilla_bundle::manifest::Encoding::ZstdPatch { .. }), "{model:?}");
-    assert_eq!(model.size, digits::MODEL_INT8.len() as u64);
+    let full = model.full.clone().expect("a full form by default");
+    let served_before = fleet.server.shared().served_http.load(std::sync::atomic::Ordering::Relaxed);
     fleet.push(v2).await.unwrap();
     let r = fleet.wait_rollout(&fleet.start_rollout("digits@2").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
     assert_eq!(r.state, "completed", "{r:?}");
-    let resp = fleet.infer("dev-0", "digits", &digits::request(&samples)).await.unwrap();
-    assert_eq!(resp.model_version, "2");
-    assert_eq!(digits::classes(&resp.outputs[0].data), samples.iter().map(|s| s.label).collect::<Vec<_>>());
+    for dev in ["dev-0", "dev-1"] {
+        let resp = fleet.infer(dev, "digits", &digits::request(&samples)).await.unwrap();
+        assert_eq!(resp.model_version, "2");
+    }
+    // Each device fetched the head, the golden data and exactly one form of the model: the
+    // patch where the base is held, the full model elsewhere.
+    let served = fleet.server.shared().served_http.load(std::sync::atomic::Ordering::Relaxed) - served_before;
+    let with_base = data_offset + model.stored_size + golden;
+    let without_base = data_offset + full.stored_size + golden;
+    assert_eq!(served, with_base + without_base);
+    assert!(model.stored_size * 20 < full.stored_size, "patch {} vs full {}", model.stored_size, full.stored_size);
+
+    // v3: dev-0 still holds v1 (its previous version) and installs it; dev-1 never had v1 and
+    // refuses with the reason.
+    fleet.push(v3).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@3").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
+    assert_eq!(r.state, "failed", "{r:?}");
+    let by = |d: &str| r.devices.iter().find(|x| x.device == d).unwrap().clone();
+    assert_eq!(by("dev-0").state, "succeeded", "{r:?}");
+    let reason = by("dev-1").reason.unwrap_or_default();
+    assert!(reason.contains("does not hold") && reason.contains("no full form"), "{reason}");
+    let resp = fleet.infer("dev-1", "digits", &digits::request(&samples)).await.unwrap();
+    assert_eq!(resp.model_version, "2", "dev-1 keeps serving v2");
     fleet.shutdown().await;
 }

@@ -50,3 +50,27 @@ async fn unreachable_http_falls_back_to_mqtt_chunks_and_still_resumes() {
     assert_eq!(http, 0);
     assert_eq!(mqtt, size - half, "MQTT served exactly the missing bytes");
 }
+
+/// Before downloading, the agent checks the disk holding its data directory for the download,
+/// the unpacked content and its reserve. Short of that it refuses with a clear reason, fetches
+/// nothing, and keeps its model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_is_a_clear_refusal_before_any_byte_is_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
+    let mut cfg = fleet.agent_config("dev-0");
+    // A reserve no disk can meet stands in for a full disk: the check is the real statvfs.
+    cfg.disk_reserve_bytes = u64::MAX / 4;
+    fleet.start_agent_with(cfg).await.unwrap();
+    fleet.wait_devices_online(1).await.unwrap();
+    let samples = digits::samples();
+    fleet.push(fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..2])).unwrap()).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.state, "failed", "{r:?}");
+    let reason = r.devices[0].reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("offered:") && reason.contains("not enough disk space"), "{reason}");
+    let shared = fleet.server.shared();
+    assert_eq!(shared.served_http.load(Ordering::Relaxed) + shared.served_mqtt.load(Ordering::Relaxed), 0);
+    assert!(!dir.path().join("agents/dev-0/staging").exists(), "nothing was staged");
+    fleet.shutdown().await;
+}

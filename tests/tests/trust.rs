@@ -85,3 +85,44 @@ async fn rotated_root_reaches_every_device_and_changes_who_may_sign() {
     assert_eq!(ctx_version, 2);
     fleet.shutdown().await;
 }
+
+/// A board without a real-time clock boots at 1970. It still installs a current bundle (the
+/// trusted clock is the max of the wall clock and the signed times it has seen), and after it
+/// has seen one, a replayed bundle that expired since is refused, also across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_booting_in_1970_installs_current_bundles_and_refuses_expired_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    // The server would refuse the expired bundle itself; here only the device judges.
+    let opts = flotilla_demo::FleetOptions { server_checks_signatures: false, ..Default::default() };
+    let mut fleet = Fleet::start_with(dir.path(), 0, opts).await.unwrap();
+    let mut cfg = fleet.agent_config("rtc-less");
+    cfg.clock = flotilla_agent::Clock::fixed(0);
+    fleet.start_agent_with(cfg.clone()).await.unwrap();
+    fleet.wait_devices_online(1).await.unwrap();
+    let samples = digits::samples();
+    let now = unix_now();
+    let build = |version, created, expires| {
+        let mut opts = flotilla_builder::BuildOptions::new("digits", version, digits::MODEL.to_vec(), created);
+        opts.golden = digits::golden(&samples[..2]);
+        opts.expires = Some(expires);
+        flotilla_demo::sign(&flotilla_builder::build(&opts).unwrap().bytes, &fleet.key).unwrap()
+    };
+    let current = build(1, now, now + 3600);
+    // Signed two hours ago, valid for one: expired an hour ago, though not by a 1970 clock.
+    let stale = build(2, now - 7200, now - 3600);
+
+    fleet.push(current).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), T).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+
+    fleet.kill_agent("rtc-less").await;
+    fleet.start_agent_with(cfg).await.unwrap();
+    fleet.push(stale).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@2").await.unwrap(), T).await.unwrap();
+    assert_eq!(r.state, "failed", "{r:?}");
+    let reason = r.devices[0].reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("offered:") && reason.contains("expired"), "{reason}");
+    let resp = fleet.infer("rtc-less", "digits", &digits::request(&samples)).await.unwrap();
+    assert_eq!(resp.model_version, "1");
+    fleet.shutdown().await;
+}

@@ -55,6 +55,7 @@ fn main() {
         media_type: "application/onnx".into(),
         content,
         delta_base: None,
+        with_full: false,
     };
     write_bundle(m, std::slice::from_ref(&input), 3, &mut unsigned).unwrap();
     let mut bundle = Vec::new();

@@ -169,6 +169,42 @@ pub struct Artifact {
     pub size: u64,
     /// Hex SHA-256 of the content.
     pub sha256: String,
+    /// For a `zstd-patch` artifact: the same content as a plain zstd frame elsewhere in the
+    /// data section, for devices that do not hold the base. A device fetches one or the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<StoredRange>,
+}
+
+/// Stored bytes of an alternative encoding of an artifact (always plain `zstd`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRange {
+    pub offset: u64,
+    pub stored_size: u64,
+    pub stored_sha256: String,
+}
+
+impl Artifact {
+    /// The plain-zstd form of a delta artifact, as an artifact of its own (same content digest),
+    /// or None when the bundle carries only the patch.
+    pub fn full_form(&self) -> Option<Artifact> {
+        let full = self.full.as_ref()?;
+        Some(Artifact {
+            encoding: Encoding::Zstd,
+            offset: full.offset,
+            stored_size: full.stored_size,
+            stored_sha256: full.stored_sha256.clone(),
+            full: None,
+            ..self.clone()
+        })
+    }
+
+    /// The base content digest this artifact's stored bytes need, if any.
+    pub fn base_sha256(&self) -> Option<&str> {
+        match &self.encoding {
+            Encoding::ZstdPatch { base_sha256 } => Some(base_sha256),
+            Encoding::Zstd => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,19 +276,48 @@ impl Manifest {
             });
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut ranges = Vec::new();
         for a in &self.artifacts {
             validate_artifact_name(&a.name)?;
             if !names.insert(a.name.as_str()) {
                 return Err(Error::Artifact { name: a.name.clone(), detail: "listed twice".into() });
             }
-            for d in [&a.sha256, &a.stored_sha256] {
+            let full = a.full.as_ref();
+            if full.is_some() && a.base_sha256().is_none() {
+                return Err(Error::Artifact {
+                    name: a.name.clone(),
+                    detail: "a full form only makes sense for a delta".into(),
+                });
+            }
+            let mut digests = vec![&a.sha256, &a.stored_sha256];
+            digests.extend(full.map(|f| &f.stored_sha256));
+            if let Encoding::ZstdPatch { base_sha256 } = &a.encoding {
+                digests.push(base_sha256);
+            }
+            for d in digests {
                 if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
                     return Err(Error::Artifact { name: a.name.clone(), detail: format!("bad sha256 {d:?}") });
                 }
             }
-            a.offset
-                .checked_add(a.stored_size)
-                .ok_or_else(|| Error::Artifact { name: a.name.clone(), detail: "offset + size overflows".into() })?;
+            for (offset, size) in
+                std::iter::once((a.offset, a.stored_size)).chain(full.map(|f| (f.offset, f.stored_size)))
+            {
+                let end = offset.checked_add(size).ok_or_else(|| Error::Artifact {
+                    name: a.name.clone(),
+                    detail: "offset + size overflows".into(),
+                })?;
+                ranges.push((offset, end, a.name.as_str()));
+            }
+        }
+        // Stored ranges may not overlap: each byte of the data section belongs to one artifact form.
+        ranges.sort();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(Error::Artifact {
+                    name: w[1].2.to_string(),
+                    detail: "stored bytes overlap another artifact".into(),
+                });
+            }
         }
         if self.artifact(Role::Model).is_none() {
             return Err(Error::malformed("manifest", "no artifact with role model"));

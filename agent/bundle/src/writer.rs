@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use crate::error::{Error, Result};
 use crate::format::{encode_head, read_envelope, sha256_hex};
 use crate::keys::SecretKey;
-use crate::manifest::{Artifact, Encoding, Manifest, Role, validate_artifact_name};
+use crate::manifest::{Artifact, Encoding, Manifest, Role, StoredRange, validate_artifact_name};
 use crate::signed::{CONTEXT_MANIFEST, SignedDoc};
 use crate::{canonical, verify::decode_manifest};
 
@@ -18,6 +18,9 @@ pub struct ArtifactInput {
     pub content: Vec<u8>,
     /// Store as a zstd patch against this base content (delta update).
     pub delta_base: Option<Vec<u8>>,
+    /// With `delta_base`: also store the plain zstd form (after all other artifacts), so devices
+    /// without the base fetch that instead of failing.
+    pub with_full: bool,
 }
 
 /// Compress the artifacts, fill in `manifest.artifacts`, and write an unsigned bundle.
@@ -61,8 +64,21 @@ pub fn write_bundle<W: Write>(
             stored_sha256: sha256_hex(&stored),
             size: input.content.len() as u64,
             sha256: sha256_hex(&input.content),
+            full: None,
         });
         data.extend_from_slice(&stored);
+    }
+    // Full forms of deltas go last: a device holding the bases then fetches one contiguous prefix.
+    for (input, artifact) in inputs.iter().zip(manifest.artifacts.iter_mut()) {
+        if input.delta_base.is_some() && input.with_full {
+            let stored = zstd::bulk::compress(&input.content, level).map_err(|e| Error::io("zstd", e))?;
+            artifact.full = Some(StoredRange {
+                offset: data.len() as u64,
+                stored_size: stored.len() as u64,
+                stored_sha256: sha256_hex(&stored),
+            });
+            data.extend_from_slice(&stored);
+        }
     }
     manifest.check()?;
     let doc = SignedDoc { signed: canonical::to_vec(&manifest)?, signatures: vec![] };

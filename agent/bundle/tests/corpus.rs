@@ -71,6 +71,7 @@ fn bundle(version: u64, expires: Option<u64>, keys: &[&SecretKey]) -> Vec<u8> {
         media_type: "application/onnx".into(),
         content: MODEL.to_vec(),
         delta_base: None,
+        with_full: false,
     }];
     let mut b = Vec::new();
     write_bundle(manifest(version, expires), &inputs, 3, &mut b).unwrap();

@@ -58,6 +58,7 @@ fn manifest() -> Manifest {
             stored_sha256: "ab".repeat(32),
             size: 6626,
             sha256: "cd".repeat(32),
+            full: None,
         }],
         target: Target { arch: vec!["aarch64".into()], min_agent_version: None, accelerator: None },
         runtime: RuntimeSettings {

@@ -76,7 +76,7 @@ proptest! {
         content.extend_from_slice(&base[(i + cut).min(base.len())..]);
         let inputs = [ArtifactInput {
             name: "model".into(), role: Role::Model, media_type: "application/onnx".into(),
-            content: content.clone(), delta_base: Some(base.clone()),
+            content: content.clone(), delta_base: Some(base.clone()), with_full: true,
         }];
         let mut m = Manifest {
             kind: MANIFEST_TYPE.into(), schema: MANIFEST_SCHEMA, name: "m".into(), version: 1, created: 1, expires: None,
@@ -89,11 +89,14 @@ proptest! {
         prop_assert_eq!(decode_manifest(&doc.signed).unwrap(), m.clone());
         let a = &m.artifacts[0];
         let mut f = std::io::Cursor::new(&bundle);
-        prop_assert_eq!(extract_artifact_to_vec(&mut f, off, a, Some(&base), 1 << 20).unwrap(), content);
+        prop_assert_eq!(extract_artifact_to_vec(&mut f, off, a, Some(&base), 1 << 20).unwrap(), content.clone());
         // Without the base, or with another one, the artifact is refused, never mis-decoded.
         prop_assert!(extract_artifact_to_vec(&mut f, off, a, None, 1 << 20).is_err());
         let mut other = base.clone();
         other[0] ^= 1;
         prop_assert!(extract_artifact_to_vec(&mut f, off, a, Some(&other), 1 << 20).is_err());
+        // The full form in the same bundle decodes to the same content with no base at all.
+        let full = a.full_form().expect("written with the full form");
+        prop_assert_eq!(extract_artifact_to_vec(&mut f, off, &full, None, 1 << 20).unwrap(), content);
     }
 }

@@ -38,6 +38,7 @@ fn unsigned(version: u64, expires: Option<u64>, model: &[u8]) -> Vec<u8> {
         media_type: "application/onnx".into(),
         content: model.to_vec(),
         delta_base: None,
+        with_full: false,
     }];
     let mut out = Vec::new();
     write_bundle(manifest(version, expires), &inputs, 3, &mut out).unwrap();
@@ -154,4 +155,45 @@ fn truncated_and_foreign_files_are_refused() {
     let root = root_with_targets(&[&key(1)], 1);
     let cut = &b[..b.len() - 2];
     assert!(verify(&root, cut).is_err());
+}
+
+#[test]
+fn full_forms_of_deltas_are_checked_like_any_stored_range() {
+    let base = b"base model bytes ".repeat(64);
+    let new = [&base[..512], b"retrained last layer", &base[512..]].concat();
+    let inputs = [ArtifactInput {
+        name: "model".into(),
+        role: Role::Model,
+        media_type: "application/onnx".into(),
+        content: new.clone(),
+        delta_base: Some(base.clone()),
+        with_full: true,
+    }];
+    let mut out = Vec::new();
+    let m = write_bundle(manifest(1, None), &inputs, 3, &mut out).unwrap();
+    let a = &m.artifacts[0];
+    let full = a.full.clone().unwrap();
+    assert_eq!(full.offset, a.stored_size, "the full form follows every patch");
+    m.check().unwrap();
+
+    // Overlapping stored ranges are refused: each stored byte belongs to one form.
+    let mut overlapping = m.clone();
+    overlapping.artifacts[0].full.as_mut().unwrap().offset = a.stored_size - 1;
+    let err = overlapping.check().unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    // A full form on a plain artifact makes no sense.
+    let mut plain = m.clone();
+    plain.artifacts[0].encoding = flotilla_bundle::manifest::Encoding::Zstd;
+    assert!(plain.check().unwrap_err().to_string().contains("full form"));
+    // A corrupted full form is caught by its own stored digest.
+    let (_, off) = parse_envelope(&out).unwrap();
+    let mut bad = out.clone();
+    bad[(off + full.offset + 3) as usize] ^= 1;
+    let err = extract_artifact_to_vec(&mut std::io::Cursor::new(&bad), off, &a.full_form().unwrap(), None, 1 << 20)
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert_eq!(
+        extract_artifact_to_vec(&mut std::io::Cursor::new(&out), off, &a.full_form().unwrap(), None, 1 << 20).unwrap(),
+        new
+    );
 }

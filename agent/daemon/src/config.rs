@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub api: Option<String>,
     pub password: Option<String>,
     pub topic_prefix: Option<String>,
+    /// Disk space an install must leave free, in bytes (default 64 MiB).
+    pub disk_reserve_bytes: Option<u64>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
@@ -70,7 +72,40 @@ pub struct AgentConfig {
     pub password: Option<String>,
     pub topic_prefix: String,
     pub tags: BTreeMap<String, String>,
+    /// An install is refused before downloading unless, after it, this much disk stays free.
+    pub disk_reserve_bytes: u64,
+    /// The system clock (tests replace it to boot a device "in 1970"). Expiry is checked against
+    /// the trusted clock, which never goes behind this or any signed time seen.
+    pub clock: Clock,
 }
+
+/// Seconds since the epoch, as the device's wall clock says.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(std::sync::Arc::new(crate::unix_now))
+    }
+
+    /// A clock stuck at `t`, like a board without a real-time clock that boots at `t = 0`.
+    pub fn fixed(t: u64) -> Clock {
+        Clock(std::sync::Arc::new(move || t))
+    }
+
+    pub fn now(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock(now={})", self.now())
+    }
+}
+
+/// Default for [`AgentConfig::disk_reserve_bytes`]: room for the SQLite journal and logs.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 
 impl AgentConfig {
     pub fn new(data_dir: PathBuf, device_id: &str, broker: BrokerUrl, trust_root: PathBuf) -> Self {
@@ -83,6 +118,8 @@ impl AgentConfig {
             password: None,
             topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
             tags: BTreeMap::new(),
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE,
+            clock: Clock::system(),
         }
     }
 

@@ -5,28 +5,22 @@
 //! model only reaches the blob store after its digests matched, and only becomes active after
 //! the self-test passed. The journal in SQLite records each step.
 
-use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla_bundle::format::{extract_artifact, extract_artifact_to_vec, parse_envelope, read_envelope};
 use flotilla_bundle::golden::GoldenSet;
-use flotilla_bundle::manifest::Role;
+use flotilla_bundle::manifest::{Artifact, Manifest, Role};
 use flotilla_bundle::verify::VerifiedManifest;
-use flotilla_proto::{Channel, Chunk, Event, FetchRequest, InstallOffer, InstallStage};
-use tokio::sync::mpsc;
+use flotilla_proto::{Event, InstallOffer, InstallStage};
 
 use crate::blobs::hash_file;
+use crate::fetch::{self, Plan};
 use crate::models::{ActiveModel, load_and_test};
 use crate::state::Installed;
 use crate::{Ctx, unix_now};
 
-/// Chunk requests kept in flight.
-const WINDOW: u64 = 4;
-/// With no chunk arriving for this long, the missing ones are asked for again.
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest bundle an offer may announce (a bound before any allocation or download).
 const MAX_BUNDLE: u64 = 8 << 30;
 
@@ -116,6 +110,9 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     // 1. Offered: verify the signed manifest the offer carries before anything else.
     let verified = verify_head(ctx, &offer.head).or_else(|e| fail(Offered, e))?;
     let m = &verified.manifest;
+    // A verified manifest's creation time is a signed time: the trusted clock moves up to it,
+    // so an older bundle that has expired since cannot be replayed to this device.
+    ctx.with_state(|s| s.observe_signed_time(m.created)).or_else(|e| fail(Offered, e))?;
     if m.name != offer.name || m.version != offer.version {
         return fail(
             Offered,
@@ -150,28 +147,33 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     })
     .await;
 
-    // 2. Downloading (resumes from what is on disk).
+    // 2. Downloading only what this device lacks, resuming from what is on disk.
+    let (plan, forms) = plan_fetch(ctx, offer, m).or_else(|e| fail(Offered, e))?;
+    let part = ctx.cfg.data_dir.join("staging").join(plan.staging_name(&offer.bundle_id));
+    check_disk_space(ctx, &plan, &forms, &part).or_else(|e| fail(Offered, e))?;
     journal("downloading");
-    let part = ctx.cfg.data_dir.join("staging").join(format!("{}.part", offer.bundle_id));
     let mut fetched = false;
     if let Some(url) = &offer.url {
-        match fetch_over_http(ctx, offer, url, &part).await {
+        match fetch::over_http(ctx, offer, &plan, url, &part).await {
             Ok(()) => fetched = true,
-            // Both transports write the same .part file, so MQTT resumes where HTTP stopped.
+            // Both transports write the same staging file, so MQTT resumes where HTTP stopped.
             Err(e) => tracing::warn!(error = %format!("{e:#}"), %url, "HTTP download failed; continuing over MQTT"),
         }
     }
     if !fetched {
-        fetch_over_mqtt(ctx, offer, &part).await.or_else(|e| fail(Downloading, e))?;
+        fetch::over_mqtt(ctx, offer, &plan, &part).await.or_else(|e| fail(Downloading, e))?;
     }
 
     // 3. Verifying: the file is the offered one, its manifest the verified one, artifacts intact.
     journal("verifying");
     let ctx2 = ctx.clone();
     let (part2, bundle_id, manifest_sha) = (part.clone(), offer.bundle_id.clone(), verified.manifest_sha256.clone());
-    let staged = tokio::task::spawn_blocking(move || stage_artifacts(&ctx2, &part2, &bundle_id, &manifest_sha))
-        .await
-        .map_err(|e| Failure { stage: Verifying, reason: e.to_string() })?;
+    let manifest = m.clone();
+    let staged = tokio::task::spawn_blocking(move || {
+        stage_artifacts(&ctx2, &part2, &plan, &forms, &manifest, &bundle_id, &manifest_sha)
+    })
+    .await
+    .map_err(|e| Failure { stage: Verifying, reason: e.to_string() })?;
     let staged = match staged {
         Ok(s) => s,
         Err(e) => {
@@ -230,7 +232,7 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
 
 pub fn verify_head(ctx: &Ctx, head: &[u8]) -> anyhow::Result<VerifiedManifest> {
     let (doc, _) = parse_envelope(head)?;
-    let now = ctx.with_state(|s| s.trusted_now(unix_now()))?;
+    let now = ctx.trusted_now()?;
     let trust = ctx.trust.read().expect("trust lock");
     Ok(trust.verify_manifest(&doc, now)?)
 }
@@ -241,9 +243,70 @@ struct Staged {
     golden_blob: Option<String>,
 }
 
-fn stage_artifacts(ctx: &Ctx, part: &Path, bundle_id: &str, manifest_sha256: &str) -> anyhow::Result<Staged> {
-    let actual = hash_file(part)?;
-    anyhow::ensure!(actual == bundle_id, "downloaded bundle hashes to {actual}, the offer said {bundle_id}");
+/// For each artifact of the manifest, the stored form to fetch (offsets in the bundle file's
+/// data section), or None when its content is already in the blob store (verified when it was
+/// imported, so nothing is fetched twice). The plan covers the head and the chosen forms.
+fn plan_fetch(ctx: &Ctx, offer: &InstallOffer, m: &Manifest) -> anyhow::Result<(Plan, Vec<Option<Artifact>>)> {
+    let (_, data_offset) = parse_envelope(&offer.head)?;
+    anyhow::ensure!(data_offset == offer.head.len() as u64, "the offer's head has trailing bytes");
+    let mut ranges = vec![(0, data_offset)];
+    let mut forms = Vec::with_capacity(m.artifacts.len());
+    for a in &m.artifacts {
+        let form = if ctx.blobs.contains(&a.sha256) {
+            None
+        } else if let Some(base) = a.base_sha256() {
+            let holds_base = ctx.blobs.contains(base);
+            match a.full_form() {
+                Some(full) if !(holds_base && offer.delta) => Some(full),
+                _ if holds_base => Some(a.clone()),
+                _ => anyhow::bail!(
+                    "{} is a delta against {base}, which this device does not hold, and the bundle has no full form",
+                    a.name
+                ),
+            }
+        } else {
+            Some(a.clone())
+        };
+        if let Some(f) = &form {
+            let start =
+                data_offset.checked_add(f.offset).ok_or_else(|| anyhow::anyhow!("artifact offset overflows"))?;
+            ranges.push((start, f.stored_size));
+        }
+        forms.push(form);
+    }
+    Ok((Plan::new(ranges, offer.size)?, forms))
+}
+
+/// Refuse before downloading unless the rest of the download, the content it decompresses to and
+/// the configured reserve fit on the disk holding the data directory.
+fn check_disk_space(ctx: &Ctx, plan: &Plan, forms: &[Option<Artifact>], part: &Path) -> anyhow::Result<()> {
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0).min(plan.total());
+    let content: u64 = forms.iter().flatten().map(|f| f.size).sum();
+    let need = (plan.total() - have).saturating_add(content).saturating_add(ctx.cfg.disk_reserve_bytes);
+    let free = fetch::available_bytes(&ctx.cfg.data_dir)?;
+    anyhow::ensure!(
+        free >= need,
+        "not enough disk space: the install needs {need} bytes free ({} to download, {content} unpacked, {} reserve), {free} available",
+        plan.total() - have,
+        ctx.cfg.disk_reserve_bytes
+    );
+    Ok(())
+}
+
+fn stage_artifacts(
+    ctx: &Ctx,
+    part: &Path,
+    plan: &Plan,
+    forms: &[Option<Artifact>],
+    m: &Manifest,
+    bundle_id: &str,
+    manifest_sha256: &str,
+) -> anyhow::Result<Staged> {
+    if plan.is_whole() {
+        let actual = hash_file(part)?;
+        anyhow::ensure!(actual == bundle_id, "downloaded bundle hashes to {actual}, the offer said {bundle_id}");
+    }
+    // The head is always the first thing staged; every artifact is then checked against it.
     let mut f = std::fs::File::open(part)?;
     let (_, data_offset) = read_envelope(&mut f)?;
     let mut head = vec![0u8; data_offset as usize];
@@ -254,184 +317,40 @@ fn stage_artifacts(ctx: &Ctx, part: &Path, bundle_id: &str, manifest_sha256: &st
         verified.manifest_sha256 == manifest_sha256,
         "the bundle's manifest differs from the one in the offer"
     );
-    let m = &verified.manifest;
-    let model = m.artifact(Role::Model).expect("checked manifests have a model");
-    let base = match &model.encoding {
-        flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } => Some(ctx.blobs.read(base_sha256)?),
-        _ => None,
-    };
-    // Every artifact is checked against the signed manifest, even when its content is already in
-    // the blob store (a corrupt bundle is refused, not silently deduplicated).
-    if ctx.blobs.contains(&model.sha256) {
-        extract_artifact(&mut f, data_offset, model, base.as_deref(), std::io::sink())?;
-    }
-    ctx.blobs.import(&model.sha256, |out| {
-        let mut w = std::io::BufWriter::new(out);
-        extract_artifact(&mut f, data_offset, model, base.as_deref(), &mut w)?;
-        w.flush()?;
-        Ok(())
-    })?;
-    let golden_blob = match m.artifact(Role::Golden) {
-        Some(g) => {
-            let bytes = extract_artifact_to_vec(
-                &mut f,
-                data_offset,
-                g,
-                None,
-                flotilla_bundle::golden::MAX_GOLDEN_BYTES as u64,
-            )?;
+    for (a, form) in m.artifacts.iter().zip(forms) {
+        let Some(form) = form else {
+            anyhow::ensure!(ctx.blobs.contains(&a.sha256), "artifact {} vanished from the blob store", a.name);
+            continue;
+        };
+        // Where the form's bytes sit in the staging file (the plan packs ranges back to back).
+        let pos = plan
+            .staged_pos(data_offset + form.offset)
+            .filter(|_| form.stored_size > 0)
+            .ok_or_else(|| anyhow::anyhow!("artifact {} was not fetched", a.name))?;
+        let staged = Artifact { offset: pos - data_offset, ..form.clone() };
+        let base = match form.base_sha256() {
+            Some(b) => Some(ctx.blobs.read(b)?),
+            None => None,
+        };
+        if a.role == Role::Golden {
+            let limit = flotilla_bundle::golden::MAX_GOLDEN_BYTES as u64;
+            let bytes = extract_artifact_to_vec(&mut f, data_offset, &staged, base.as_deref(), limit)?;
             GoldenSet::decode(&bytes)?;
-            ctx.blobs.import(&g.sha256, |out| Ok(out.write_all(&bytes)?))?;
-            Some(g.sha256.clone())
+            ctx.blobs.import(&a.sha256, |out| Ok(out.write_all(&bytes)?))?;
+        } else {
+            ctx.blobs.import(&a.sha256, |out| {
+                let mut w = std::io::BufWriter::new(out);
+                extract_artifact(&mut f, data_offset, &staged, base.as_deref(), &mut w)?;
+                w.flush()?;
+                Ok(())
+            })?;
         }
-        None => None,
-    };
+    }
+    let model = m.artifact(Role::Model).expect("checked manifests have a model");
+    let golden_blob = m.artifact(Role::Golden).map(|g| g.sha256.clone());
     Ok(Staged { head, model_blob: model.sha256.clone(), golden_blob })
 }
 
 fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Report download progress each time another tenth of the bundle arrived, and at the end.
-/// Both transports report through here, so the control plane sees one cadence.
-async fn report_progress(ctx: &Ctx, offer: &InstallOffer, have: u64, last: &mut u64) {
-    let tenth = |n: u64| n * 10 / offer.size.max(1);
-    if tenth(have) > tenth(*last) || (have == offer.size && *last != have) {
-        *last = have;
-        ctx.publish_event(Event::InstallProgress {
-            offer_id: offer.offer_id.clone(),
-            received: have,
-            total: offer.size,
-        })
-        .await;
-    }
-}
-
-/// Open the staging file for appending; a file longer than the bundle is garbage and starts over.
-fn open_part(part: &Path, size: u64) -> anyhow::Result<(std::fs::File, u64)> {
-    std::fs::create_dir_all(part.parent().expect("staging dir"))?;
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(part)?;
-    let mut have = file.metadata()?.len();
-    if have > size {
-        file.set_len(0)?;
-        have = 0;
-    }
-    Ok((file, have))
-}
-
-/// Download over HTTP with `Range`, resuming from the bytes already in `part`.
-async fn fetch_over_http(ctx: &Arc<Ctx>, offer: &InstallOffer, url: &str, part: &Path) -> anyhow::Result<()> {
-    anyhow::ensure!(url.starts_with("http://") || url.starts_with("https://"), "unsupported URL scheme in {url:?}");
-    let (mut file, mut have) = open_part(part, offer.size)?;
-    if have == offer.size {
-        return Ok(());
-    }
-    let client =
-        reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).read_timeout(CHUNK_TIMEOUT).build()?;
-    let mut resp = client.get(url).header(reqwest::header::RANGE, format!("bytes={have}-")).send().await?;
-    match resp.status().as_u16() {
-        206 => {
-            let start = resp
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
-            anyhow::ensure!(start == Some(have), "server answered a range starting at {start:?}, asked for {have}");
-        }
-        200 => {
-            // The server ignored the range: start over.
-            file.set_len(0)?;
-            have = 0;
-        }
-        s => anyhow::bail!("HTTP {s} from {url}"),
-    }
-    let mut last_progress = have;
-    while let Some(bytes) = resp.chunk().await? {
-        anyhow::ensure!(
-            have + bytes.len() as u64 <= offer.size,
-            "server sent more than the offered {} bytes",
-            offer.size
-        );
-        file.write_all(&bytes)?;
-        have += bytes.len() as u64;
-        report_progress(ctx, offer, have, &mut last_progress).await;
-    }
-    anyhow::ensure!(have == offer.size, "download ended at {have} of {} bytes", offer.size);
-    file.sync_all()?;
-    Ok(())
-}
-
-/// Download the bundle in chunks over MQTT into `part`, resuming from its length.
-async fn fetch_over_mqtt(ctx: &Arc<Ctx>, offer: &InstallOffer, part: &Path) -> anyhow::Result<()> {
-    let (mut file, mut have) = open_part(part, offer.size)?;
-    let (tx, mut rx) = mpsc::channel::<Chunk>(64);
-    ctx.chunk_routes.lock().expect("routes lock").insert(offer.bundle_id.clone(), tx);
-    let _route = RouteGuard { ctx: ctx.clone(), bundle_id: offer.bundle_id.clone() };
-    let chunk = offer.chunk_size as u64;
-    let mut early: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut requested_to = have;
-    let mut last_progress = 0u64;
-    let mut stalls = 0u32;
-    while have < offer.size {
-        // Keep the window full.
-        while requested_to < offer.size && requested_to < have + WINDOW * chunk {
-            let len = chunk.min(offer.size - requested_to) as u32;
-            ctx.publish(
-                Channel::Fetch,
-                FetchRequest { bundle_id: offer.bundle_id.clone(), offset: requested_to, len },
-                false,
-            )
-            .await;
-            requested_to += len as u64;
-        }
-        match tokio::time::timeout(CHUNK_TIMEOUT, rx.recv()).await {
-            Ok(Some(c)) => {
-                if let Some(err) = c.error {
-                    anyhow::bail!("server refused the chunk at {}: {err}", c.offset);
-                }
-                if c.total != offer.size || c.offset + c.data.len() as u64 > offer.size {
-                    anyhow::bail!("chunk at {} does not fit the offered size {}", c.offset, offer.size);
-                }
-                if c.offset > have {
-                    early.insert(c.offset, c.data);
-                } else if c.offset == have {
-                    file.write_all(&c.data)?;
-                    have += c.data.len() as u64;
-                }
-                while let Some(data) = early.remove(&have) {
-                    file.write_all(&data)?;
-                    have += data.len() as u64;
-                }
-                early.retain(|&off, _| off > have);
-                stalls = 0;
-                report_progress(ctx, offer, have, &mut last_progress).await;
-            }
-            Ok(None) => anyhow::bail!("agent shutting down"),
-            Err(_) => {
-                stalls += 1;
-                if stalls > 30 {
-                    anyhow::bail!("no chunk for {} s; giving up (a new offer resumes from byte {have})", stalls * 10);
-                }
-                tracing::debug!(have, "chunk timeout; asking again");
-                requested_to = have;
-                early.clear();
-            }
-        }
-    }
-    file.sync_all()?;
-    Ok(())
-}
-
-struct RouteGuard {
-    ctx: Arc<Ctx>,
-    bundle_id: String,
-}
-
-impl Drop for RouteGuard {
-    fn drop(&mut self) {
-        self.ctx.chunk_routes.lock().expect("routes lock").remove(&self.bundle_id);
-    }
 }

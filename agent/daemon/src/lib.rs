@@ -7,6 +7,7 @@
 pub mod api;
 pub mod blobs;
 pub mod config;
+pub mod fetch;
 pub mod installer;
 pub mod models;
 pub mod session;
@@ -27,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, BrokerUrl, FileConfig};
+pub use config::{AgentConfig, BrokerUrl, Clock, FileConfig};
 
 use crate::blobs::{BlobStore, write_atomic};
 use crate::models::{ActiveModel, Registry, load_and_test};
@@ -45,12 +46,22 @@ pub struct Ctx {
     pub registry: Registry,
     pub runtimes: Runtimes,
     mqtt: AsyncClient,
-    /// Bundle id → the install waiting for its chunks.
-    pub chunk_routes: Mutex<HashMap<String, mpsc::Sender<Chunk>>>,
+    /// Bundle id → the install waiting for its chunks (each with its message, to acknowledge).
+    pub chunk_routes: Mutex<HashMap<String, mpsc::Sender<(Chunk, rumqttc::Publish)>>>,
     /// Offer ids being handled now.
     pub busy: Mutex<HashSet<String>>,
     pub install_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when the agent stops (or is killed): ends installs at their next await.
+    pub cancel: CancellationToken,
+    /// Chunks that arrived with no install fetching them, newest last (bounded).
+    loose_chunks: Mutex<std::collections::VecDeque<Chunk>>,
+    /// Bundle bytes received, per transport (including any received twice).
+    pub received_http: std::sync::atomic::AtomicU64,
+    pub received_mqtt: std::sync::atomic::AtomicU64,
 }
+
+/// Chunks kept for an install that has not resumed yet.
+const MAX_LOOSE_CHUNKS: usize = 8;
 
 impl Ctx {
     pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> anyhow::Result<T>) -> anyhow::Result<T> {
@@ -63,6 +74,34 @@ impl Ctx {
         if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, retain, payload).await {
             tracing::warn!(error = %e, channel = ch.as_str(), "publish failed");
         }
+    }
+
+    /// The trusted clock: never behind the system clock or any signed time seen.
+    pub fn trusted_now(&self) -> anyhow::Result<u64> {
+        let system = self.cfg.clock.now();
+        self.with_state(|s| s.trusted_now(system))
+    }
+
+    pub fn mqtt(&self) -> &AsyncClient {
+        &self.mqtt
+    }
+
+    pub fn stash_chunk(&self, chunk: Chunk) {
+        let mut loose = self.loose_chunks.lock().expect("loose lock");
+        if loose.len() == MAX_LOOSE_CHUNKS {
+            loose.pop_front();
+        }
+        loose.push_back(chunk);
+    }
+
+    /// Take the stashed chunks of one bundle.
+    pub fn take_stashed_chunks(&self, bundle_id: &str) -> Vec<Chunk> {
+        let mut loose = self.loose_chunks.lock().expect("loose lock");
+        let mut mine = Vec::new();
+        for c in std::mem::take(&mut *loose) {
+            if c.bundle_id == bundle_id { mine.push(c) } else { loose.push_back(c) }
+        }
+        mine
     }
 
     pub async fn publish_event(&self, ev: Event) {
@@ -78,6 +117,7 @@ impl Ctx {
                 version: m.version,
                 manifest_sha256: m.manifest_sha256.clone(),
                 backend: m.backend().to_string(),
+                model_sha256: m.manifest.artifact(flotilla_bundle::manifest::Role::Model).map(|a| a.sha256.clone()),
                 status: "active".into(),
             })
             .collect()
@@ -129,14 +169,18 @@ impl Agent {
             runtimes: Runtimes::default(),
             mqtt,
             chunk_routes: Mutex::new(HashMap::new()),
+            loose_chunks: Mutex::new(Default::default()),
+            received_http: Default::default(),
+            received_mqtt: Default::default(),
             busy: Mutex::new(HashSet::new()),
             install_lock: tokio::sync::Mutex::new(()),
+            cancel: CancellationToken::new(),
             cfg,
         });
         let c = ctx.clone();
         tokio::task::spawn_blocking(move || recover(&c)).await??;
 
-        let cancel = CancellationToken::new();
+        let cancel = ctx.cancel.clone();
         let listener = tokio::net::TcpListener::bind(ctx.cfg.api)
             .await
             .with_context(|| format!("binding the local API on {}", ctx.cfg.api))?;
@@ -188,7 +232,7 @@ impl Agent {
 /// Accept newer trust roots (a rotation chain), persist the newest, and report the outcome.
 pub async fn accept_roots(ctx: &Ctx, roots: Vec<Vec<u8>>) {
     let result = (|| -> anyhow::Result<Option<u64>> {
-        let now = ctx.with_state(|s| s.trusted_now(unix_now()))?;
+        let now = ctx.trusted_now()?;
         let current = ctx.trust.read().expect("trust lock").clone();
         let next = current.rotate_chain(&roots, now)?;
         if next.root().version == current.root().version {
@@ -220,7 +264,7 @@ pub async fn accept_roots(ctx: &Ctx, roots: Vec<Vec<u8>>) {
 
 /// The trust root: the newest one this device persisted, else the one it was given.
 fn load_trust(cfg: &AgentConfig, state: &State) -> anyhow::Result<TrustedRoot> {
-    let now = state.trusted_now(unix_now())?;
+    let now = state.trusted_now(cfg.clock.now())?;
     let persisted = cfg.data_dir.join("trust-root.cbor");
     let path = if persisted.exists() { persisted.clone() } else { cfg.trust_root.clone() };
     let bytes = std::fs::read(&path).with_context(|| format!("reading trust root {}", path.display()))?;

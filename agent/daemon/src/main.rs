@@ -78,6 +78,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.api = api.context("bad api address")?;
     }
     cfg.password = args.password.or(file.password);
+    if let Some(r) = file.disk_reserve_bytes {
+        cfg.disk_reserve_bytes = r;
+    }
     if let Some(p) = file.topic_prefix {
         cfg.topic_prefix = p;
     }

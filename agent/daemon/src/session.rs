@@ -22,6 +22,10 @@ pub fn client(cfg: &AgentConfig, topics: &Topics) -> (AsyncClient, EventLoop) {
     let max = flotilla_proto::MAX_PAYLOAD + 64 * 1024;
     opts.set_max_packet_size(max, max);
     opts.set_inflight(32);
+    // A chunk is acknowledged only once it is in the staging file (or held for an install about
+    // to resume): a crash before that leaves it unacknowledged, and the broker redelivers it
+    // from the persistent session instead of the server sending it again.
+    opts.set_manual_acks(true);
     // The username is always the device id: the broker's ACL keys on it.
     opts.set_credentials(cfg.device_id.clone(), cfg.password.clone().unwrap_or_default());
     let will = flotilla_proto::encode(&flotilla_proto::Msg::new(
@@ -53,7 +57,7 @@ pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationTo
                 attempt = 0;
                 tokio::spawn(on_connect(ctx.clone()));
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&ctx, &p.topic, &p.payload),
+            Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&ctx, p),
             Ok(_) => {}
             Err(e) => {
                 let wait = backoff(attempt, rand_u64());
@@ -79,16 +83,29 @@ async fn on_connect(ctx: Arc<Ctx>) {
     ctx.publish_state().await;
 }
 
-fn dispatch(ctx: &Arc<Ctx>, topic: &str, payload: &[u8]) {
-    let Some((device, ch)) = ctx.topics.parse(topic) else { return };
+fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {
+    let ack = |ctx: &Ctx, p: &rumqttc::Publish| {
+        if let Err(e) = ctx.mqtt.try_ack(p) {
+            tracing::warn!(error = %e, "could not acknowledge a message");
+        }
+    };
+    let payload = &p.payload[..];
+    let Some((device, ch)) = ctx.topics.parse(&p.topic) else { return ack(ctx, &p) };
     if device != ctx.cfg.device_id {
-        return;
+        return ack(ctx, &p);
     }
     match ch {
         Channel::Cmd => match flotilla_proto::decode::<Command>(payload) {
             Ok(msg) => match msg.body {
                 Command::Install(offer) => {
-                    tokio::spawn(installer::handle_offer(ctx.clone(), offer));
+                    // Ends with the agent; a half-fetched bundle stays staged for the next start.
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = ctx.cancel.cancelled() => {}
+                            _ = installer::handle_offer(ctx.clone(), offer) => {}
+                        }
+                    });
                 }
                 Command::TrustRoots(t) => {
                     let ctx = ctx.clone();
@@ -104,15 +121,28 @@ fn dispatch(ctx: &Arc<Ctx>, topic: &str, payload: &[u8]) {
         Channel::Chunk => match flotilla_proto::decode::<Chunk>(payload) {
             Ok(msg) => {
                 let route = ctx.chunk_routes.lock().expect("routes lock").get(&msg.body.bundle_id).cloned();
-                // A full or missing route drops the chunk; the installer asks again on timeout.
-                if let Some(tx) = route {
-                    let _ = tx.try_send(msg.body);
+                match route {
+                    // The installer acknowledges it once it is staged.
+                    Some(tx) => {
+                        if let Err(e) = tx.try_send((msg.body, p)) {
+                            // A full route drops the chunk; the installer asks again on timeout.
+                            ack(ctx, &e.into_inner().1);
+                        }
+                    }
+                    // No install is fetching it (yet): after a restart the broker redelivers the
+                    // session's chunks before the install resumes. Keep a few for it.
+                    None => {
+                        ctx.stash_chunk(msg.body);
+                        ack(ctx, &p);
+                    }
                 }
+                return;
             }
             Err(e) => tracing::warn!(error = %e, "ignoring malformed chunk"),
         },
         _ => {}
     }
+    ack(ctx, &p);
 }
 
 fn rand_u64() -> u64 {

@@ -211,6 +211,7 @@ mod tests {
             head: vec![],
             chunk_size: 1,
             url: None,
+            delta: false,
         };
         s.journal(&offer, "downloading", None, 1).unwrap();
         s.activate(&inst(1), "o1", 2).unwrap();

@@ -38,6 +38,9 @@ pub struct ModelState {
     pub manifest_sha256: String,
     /// The backend that actually runs it, e.g. `tract-onnx`.
     pub backend: String,
+    /// Hex SHA-256 of the model content: what a delta bundle's base must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
     /// `active` for now; later also `baking`.
     pub status: String,
 }
@@ -143,6 +146,11 @@ pub struct InstallOffer {
     /// HTTP(S) URL serving the same bytes with Range support, when there is one.
     #[serde(default)]
     pub url: Option<String>,
+    /// The server saw this device report the base of the bundle's delta artifacts: fetch the
+    /// patches. Otherwise the device fetches the full forms (it may still use a patch whose base
+    /// it holds when the bundle carries no full form).
+    #[serde(default)]
+    pub delta: bool,
 }
 
 /// Device asks for `len` bytes of a bundle at `offset`; answered on the device's chunk topic.
@@ -185,6 +193,7 @@ mod tests {
                 head: vec![1, 2, 3],
                 chunk_size: 262144,
                 url: None,
+                delta: false,
             }),
         );
         let bytes = encode(&offer);

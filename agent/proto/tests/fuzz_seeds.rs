@@ -17,6 +17,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         head: vec![0x46, 0x4c, 0x4f, 0x54],
         chunk_size: DEFAULT_CHUNK_SIZE,
         url: Some("http://127.0.0.1:8080/api/v1/bundles/ab".into()),
+        delta: true,
     };
     vec![
         ("cmd-install", encode(&Msg::new("1", 1, Command::Install(offer)))),
@@ -59,6 +60,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                         version: 3,
                         manifest_sha256: "cd".repeat(32),
                         backend: "tract-onnx".into(),
+                        model_sha256: Some("ef".repeat(32)),
                         status: "active".into(),
                     }]),
                 },

@@ -32,6 +32,9 @@ pub struct DeviceModel {
     pub version: u64,
     pub backend: String,
     pub status: String,
+    /// Hex SHA-256 of the model content (the base a delta bundle needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -44,6 +44,8 @@ pub struct BuildOptions {
     pub zstd_level: i32,
     /// Store the model as a zstd patch against this base model content (`--delta-from`).
     pub delta_base: Option<Vec<u8>>,
+    /// With `delta_base`: leave out the full form, so only devices holding the base can install.
+    pub delta_only: bool,
 }
 
 impl BuildOptions {
@@ -61,6 +63,7 @@ impl BuildOptions {
             expires: None,
             zstd_level: 19,
             delta_base: None,
+            delta_only: false,
         }
     }
 }
@@ -143,6 +146,7 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         media_type: model_signature.format.media_type().into(),
         content: opts.model.clone(),
         delta_base: opts.delta_base.clone(),
+        with_full: !opts.delta_only,
     }];
     if !opts.golden.is_empty() {
         let set = golden::compute(&opts.model, &model_signature, &runtime, &opts.golden)?;
@@ -152,6 +156,7 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
             media_type: flotilla_bundle::golden::GOLDEN_MEDIA_TYPE.into(),
             content: set.encode()?,
             delta_base: None,
+            with_full: false,
         });
     }
     let manifest = Manifest {

@@ -47,9 +47,14 @@ pub enum BundleCmd {
         #[arg(long)]
         expires: Option<String>,
         /// Store the model as a zstd patch against the model in OLD.flb (a delta update: a
-        /// device that holds that model downloads only the difference).
+        /// device that holds that model downloads only the difference). The bundle also carries
+        /// the full model, fetched only by devices without the base (see --delta-only).
         #[arg(long, value_name = "OLD.flb")]
         delta_from: Option<PathBuf>,
+        /// With --delta-from: leave the full model out (smaller file; devices without the base
+        /// refuse the bundle with a clear reason).
+        #[arg(long, requires = "delta_from")]
+        delta_only: bool,
         #[arg(long, value_name = "B.flb")]
         out: PathBuf,
     },
@@ -120,6 +125,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             backends,
             expires,
             delta_from,
+            delta_only,
             out: path,
         } => {
             let bytes = std::fs::read(&model).with_context(|| format!("reading model {}", model.display()))?;
@@ -132,6 +138,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                 latency_budget.map(|l| parse_duration(&l).map(|d| d.as_micros() as u64)).transpose()?;
             opts.backends = backends;
             opts.expires = expires.map(|e| parse_time(&e, now)).transpose()?;
+            opts.delta_only = delta_only;
             if let Some(old) = &delta_from {
                 let old_bytes = std::fs::read(old).with_context(|| format!("reading {}", old.display()))?;
                 opts.delta_base =
@@ -295,6 +302,7 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let (doc, data_offset) = read_envelope(&mut f)?;
     let m = decode_manifest(&doc.signed)?;
+    let file_size = f.metadata()?.len();
     let view = serde_json::json!({
         "name": m.name,
         "version": m.version,
@@ -307,7 +315,14 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
             "name": a.name, "role": format!("{:?}", a.role).to_lowercase(), "media_type": a.media_type,
             "size": a.size, "stored_size": a.stored_size, "sha256": a.sha256,
             "encoding": match &a.encoding { flotilla_bundle::manifest::Encoding::Zstd => "zstd".to_string(), flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } => format!("zstd-patch from {base_sha256}") },
+            "full_stored_size": a.full.as_ref().map(|f| f.stored_size),
         })).collect::<Vec<_>>(),
+        // Bytes a device downloads: the head plus one stored form of each artifact.
+        "download": {
+            "file": file_size,
+            "holding_bases": data_offset + m.artifacts.iter().map(|a| a.stored_size).sum::<u64>(),
+            "without_bases": data_offset + m.artifacts.iter().map(|a| a.full.as_ref().map_or(a.stored_size, |f| f.stored_size)).sum::<u64>(),
+        },
         "runtime": {"backends": m.runtime.backends, "threads": m.runtime.threads, "delegate": m.runtime.delegate},
         "health": {"golden_tolerance": m.health.golden_tolerance, "latency_budget_us": m.health.latency_budget_us, "golden": m.artifact(Role::Golden).is_some()},
         "signatures": doc.signatures.iter().map(|s| &s.keyid.0).collect::<Vec<_>>(),

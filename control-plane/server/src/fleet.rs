@@ -132,6 +132,7 @@ fn on_state(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
                         version: m.version,
                         backend: m.backend.clone(),
                         status: m.status.clone(),
+                        model_sha256: m.model_sha256.clone(),
                     })
                     .collect::<Vec<_>>(),
             )
@@ -226,6 +227,7 @@ async fn on_fetch(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Resu
     let chunk = match read {
         Ok((data, total)) => {
             s.served_mqtt.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(device, bundle = %req.bundle_id, offset = req.offset, len = data.len(), "chunk served");
             Chunk { bundle_id: req.bundle_id, offset: req.offset, total, data, error: None }
         }
         Err(e) => {

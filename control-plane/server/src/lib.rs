@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// `http://{http}` unless the server listens on an unspecified address; without one,
     /// bundles travel in MQTT chunks only.
     pub public_url: Option<String>,
+    /// Bytes per MQTT chunk and per HTTP Range request that offers ask devices to use: the
+    /// most a cut connection or a crash can make a device fetch twice.
+    pub chunk_size: u32,
 }
 
 impl ServerConfig {
@@ -59,6 +62,7 @@ impl ServerConfig {
             trust_root: None,
             topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
             public_url: None,
+            chunk_size: flotilla_proto::DEFAULT_CHUNK_SIZE,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct Shared {
     pub connected: Notify,
     /// Where offers tell devices to download bundles (`{public_url}/api/v1/bundles/{id}`).
     pub public_url: Option<String>,
+    pub chunk_size: u32,
     /// Bundle bytes served, per transport (for metrics and the transfer tests).
     pub served_mqtt: std::sync::atomic::AtomicU64,
     pub served_http: std::sync::atomic::AtomicU64,
@@ -146,6 +151,7 @@ impl Server {
             wake: Notify::new(),
             connected: Notify::new(),
             public_url,
+            chunk_size: cfg.chunk_size.clamp(1024, flotilla_proto::DEFAULT_CHUNK_SIZE * 2),
             served_mqtt: Default::default(),
             served_http: Default::default(),
         });

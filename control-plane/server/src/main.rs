@@ -43,6 +43,10 @@ struct Args {
     /// is 0.0.0.0; without one, bundles travel in MQTT chunks only).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// Bytes per MQTT chunk and per HTTP Range request devices use for bundles (1024 to
+    /// 524288): the most a cut connection or a crash makes a device fetch twice.
+    #[arg(long, value_name = "BYTES", default_value_t = flotilla_proto::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
     /// MQTT topic prefix.
     #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
     topic_prefix: String,
@@ -67,6 +71,7 @@ async fn main() {
     cfg.trust_root = a.trust_root;
     cfg.topic_prefix = a.topic_prefix;
     cfg.public_url = a.public_url;
+    cfg.chunk_size = a.chunk_size;
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

@@ -6,6 +6,10 @@ use flotilla_runtime::{Tensor, TensorData};
 
 pub const MODEL: &[u8] = include_bytes!("../../models/digits_cnn.onnx");
 pub const MODEL_INT8: &[u8] = include_bytes!("../../models/digits_cnn_int8_qdq.onnx");
+/// A wide backbone (98.6% of the weights) with a small last layer `fc`, and the same model with
+/// only `fc` retrained on drifted images: the pair for delta updates.
+pub const MODEL_WIDE: &[u8] = include_bytes!("../../models/digits_cnn_wide.onnx");
+pub const MODEL_WIDE_FC_RETRAINED: &[u8] = include_bytes!("../../models/digits_cnn_wide_fc_retrained.onnx");
 const TEST_SET: &str = include_str!("../../models/digits_test.json");
 
 #[derive(Debug, Clone, serde::Deserialize)]

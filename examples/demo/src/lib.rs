@@ -27,11 +27,13 @@ pub struct FleetOptions {
     pub server_checks_signatures: bool,
     /// Base URL put in offers for HTTP downloads (None: the server's own HTTP address).
     pub public_url: Option<String>,
+    /// Chunk size the server asks for in offers (None: the default, 256 KiB).
+    pub chunk_size: Option<u32>,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        FleetOptions { external_broker: None, server_checks_signatures: true, public_url: None }
+        FleetOptions { external_broker: None, server_checks_signatures: true, public_url: None, chunk_size: None }
     }
 }
 
@@ -82,6 +84,9 @@ impl Fleet {
         cfg.external_broker = opts.external_broker;
         cfg.trust_root = opts.server_checks_signatures.then(|| root_path.clone());
         cfg.public_url = opts.public_url;
+        if let Some(c) = opts.chunk_size {
+            cfg.chunk_size = c;
+        }
         let server = Server::start(cfg).await?;
         let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
         for i in 0..devices {
@@ -99,9 +104,22 @@ impl Fleet {
     }
 
     pub async fn start_agent(&mut self, id: &str) -> anyhow::Result<()> {
-        let agent = Agent::start(self.agent_config(id)).await.with_context(|| format!("starting agent {id}"))?;
+        self.start_agent_with(self.agent_config(id)).await
+    }
+
+    /// Start an agent with a config of the caller's (e.g. [`Fleet::agent_config`] with the
+    /// broker behind a proxy).
+    pub async fn start_agent_with(&mut self, cfg: AgentConfig) -> anyhow::Result<()> {
+        let id = cfg.device_id.clone();
+        let agent = Agent::start(cfg).await.with_context(|| format!("starting agent {id}"))?;
         self.agents.push((id.to_string(), agent));
         Ok(())
+    }
+
+    /// Kill an agent as a crash would (no goodbye, nothing flushed); its data stays on disk.
+    pub async fn kill_agent(&mut self, id: &str) {
+        let i = self.agents.iter().position(|(a, _)| a == id).expect("agent id");
+        self.agents.remove(i).1.kill().await;
     }
 
     pub fn agent(&self, id: &str) -> &Agent {
