@@ -89,4 +89,9 @@ fn main() {
     let sha_s = t.elapsed().as_secs_f64();
     std::hint::black_box(d);
     println!("for scale: one sha256 pass over the bundle: {:.0} MB/s", bundle_mb / sha_s);
+    let (_, off) = parse_envelope(&bundle).unwrap();
+    let t = Instant::now();
+    zstd::stream::copy_decode(&bundle[off as usize..], std::io::sink()).unwrap();
+    let zstd_s = t.elapsed().as_secs_f64();
+    println!("for scale: zstd decode alone: {:.0} MB/s of bundle", bundle_mb / zstd_s);
 }

@@ -15,7 +15,6 @@ use flotilla_bundle::manifest::{Artifact, Manifest, Role};
 use flotilla_bundle::verify::VerifiedManifest;
 use flotilla_proto::{Event, InstallOffer, InstallStage};
 
-use crate::blobs::hash_file;
 use crate::fetch::{self, Plan};
 use crate::models::{ActiveModel, load_and_test};
 use crate::state::Installed;
@@ -167,13 +166,12 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     // 3. Verifying: the file is the offered one, its manifest the verified one, artifacts intact.
     journal("verifying");
     let ctx2 = ctx.clone();
-    let (part2, bundle_id, manifest_sha) = (part.clone(), offer.bundle_id.clone(), verified.manifest_sha256.clone());
+    let (part2, manifest_sha) = (part.clone(), verified.manifest_sha256.clone());
     let manifest = m.clone();
-    let staged = tokio::task::spawn_blocking(move || {
-        stage_artifacts(&ctx2, &part2, &plan, &forms, &manifest, &bundle_id, &manifest_sha)
-    })
-    .await
-    .map_err(|e| Failure { stage: Verifying, reason: e.to_string() })?;
+    let staged =
+        tokio::task::spawn_blocking(move || stage_artifacts(&ctx2, &part2, &plan, &forms, &manifest, &manifest_sha))
+            .await
+            .map_err(|e| Failure { stage: Verifying, reason: e.to_string() })?;
     let staged = match staged {
         Ok(s) => s,
         Err(e) => {
@@ -299,13 +297,11 @@ fn stage_artifacts(
     plan: &Plan,
     forms: &[Option<Artifact>],
     m: &Manifest,
-    bundle_id: &str,
     manifest_sha256: &str,
 ) -> anyhow::Result<Staged> {
-    if plan.is_whole() {
-        let actual = hash_file(part)?;
-        anyhow::ensure!(actual == bundle_id, "downloaded bundle hashes to {actual}, the offer said {bundle_id}");
-    }
+    // No hash of the whole file: the head is verified below and every fetched byte after it
+    // belongs to an artifact whose stored digest is checked before decompression and whose
+    // content digest is checked while it is written, so a whole-file pass would add nothing.
     // The head is always the first thing staged; every artifact is then checked against it.
     let mut f = std::fs::File::open(part)?;
     let (_, data_offset) = read_envelope(&mut f)?;
@@ -338,7 +334,8 @@ fn stage_artifacts(
             GoldenSet::decode(&bytes)?;
             ctx.blobs.import(&a.sha256, |out| Ok(out.write_all(&bytes)?))?;
         } else {
-            ctx.blobs.import(&a.sha256, |out| {
+            // extract_artifact checks the content digest of exactly what it writes.
+            ctx.blobs.import_checked(&a.sha256, |out| {
                 let mut w = std::io::BufWriter::new(out);
                 extract_artifact(&mut f, data_offset, &staged, base.as_deref(), &mut w)?;
                 w.flush()?;
