@@ -46,8 +46,8 @@ fi
 mkdir -p "$work/unpacked" "$work/lib" "$work/models/openwakeword" "$work/models/microwakeword" "$work/python"
 for whl in "$work"/wheels/*.whl; do
     case "$(basename "$whl")" in
-        pymicro_wakeword-* | pyopen_wakeword-*) unzip -q -o "$whl" -d "$work/unpacked" ;;
-        *) unzip -q -o "$whl" -d "$work/python" ;; # ai-edge-litert (and numpy): importable from here
+        pymicro_wakeword-* | pyopen_wakeword-*) "$python" -m zipfile -e "$whl" "$work/unpacked" ;;
+        *) "$python" -m zipfile -e "$whl" "$work/python" ;; # ai-edge-litert (and numpy): importable from here
     esac
 done
 
