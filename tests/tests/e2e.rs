@@ -26,14 +26,15 @@ async fn signed_bundle_reaches_three_agents_and_they_classify_correctly() {
     assert_eq!(r.state, "completed", "{r:?}");
     assert_eq!((r.succeeded, r.failed, r.total), (3, 0, 3));
 
-    // Every device reports the version active (through its retained state message).
+    // Every device reports the version it runs (through its retained state message): baking, as
+    // the bundle's bake period (the default 10 minutes) has just begun.
     fleet
         .wait_for(Duration::from_secs(10), || async {
             let devices = fleet.devices().await?;
             Ok(devices.len() == 3
                 && devices
                     .iter()
-                    .all(|d| d.models.iter().any(|m| m.name == "digits" && m.version == 1 && m.status == "active")))
+                    .all(|d| d.models.iter().any(|m| m.name == "digits" && m.version == 1 && m.status == "baking")))
         })
         .await
         .unwrap();

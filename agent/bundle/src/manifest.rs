@@ -239,11 +239,28 @@ pub struct HealthChecks {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_budget_us: Option<u64>,
     pub warmup_runs: u32,
+    /// After activation the device watches the model this long before it counts as good (the
+    /// previous version stays on disk until then). None: the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_secs: Option<u64>,
+    /// During the bake: roll back locally when more than this share of inferences fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// During the bake: roll back locally when the p95 inference latency exceeds this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_p95_us: Option<u64>,
 }
 
 impl Default for HealthChecks {
     fn default() -> Self {
-        HealthChecks { golden_tolerance: 1e-4, latency_budget_us: None, warmup_runs: 2 }
+        HealthChecks {
+            golden_tolerance: 1e-4,
+            latency_budget_us: None,
+            warmup_runs: 2,
+            bake_secs: None,
+            max_error_rate: None,
+            max_latency_p95_us: None,
+        }
     }
 }
 

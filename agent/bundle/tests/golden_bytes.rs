@@ -67,7 +67,12 @@ fn manifest() -> Manifest {
             delegate: None,
             accelerator_required: false,
         },
-        health: HealthChecks { golden_tolerance: 1e-4, latency_budget_us: Some(50_000), warmup_runs: 2 },
+        health: HealthChecks {
+            golden_tolerance: 1e-4,
+            latency_budget_us: Some(50_000),
+            warmup_runs: 2,
+            ..HealthChecks::default()
+        },
     }
 }
 

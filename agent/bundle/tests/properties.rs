@@ -46,7 +46,7 @@ prop_compose! {
             artifacts: vec![],
             target: Target { arch, min_agent_version: None, accelerator: None },
             runtime: RuntimeSettings { backends, threads, delegate: None, accelerator_required: false },
-            health: HealthChecks { golden_tolerance: tolerance, latency_budget_us: budget, warmup_runs: warmup },
+            health: HealthChecks { golden_tolerance: tolerance, latency_budget_us: budget, warmup_runs: warmup, ..HealthChecks::default() },
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}", get(model_metadata_version))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
 }
@@ -100,13 +101,18 @@ fn versioned(ctx: &Ctx, name: &str, version: &str) -> Result<Arc<ActiveModel>, A
     Ok(m)
 }
 
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    let text = ctx.metrics.render(&ctx);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
 async fn infer(
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Result<Json<InferResponse>, ApiError> {
     let m = ctx.registry.get(&name).ok_or_else(|| not_found(&name))?;
-    run(m, body).await
+    run(&ctx, m, body).await
 }
 
 async fn infer_version(
@@ -115,10 +121,11 @@ async fn infer_version(
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Result<Json<InferResponse>, ApiError> {
     let m = versioned(&ctx, &name, &version)?;
-    run(m, body).await
+    run(&ctx, m, body).await
 }
 
 async fn run(
+    ctx: &Ctx,
     m: Arc<ActiveModel>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Result<Json<InferResponse>, ApiError> {
@@ -126,13 +133,18 @@ async fn run(
         body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", e.body_text())))?;
     let inputs = req.inputs.iter().map(to_tensor).collect::<Result<Vec<_>, _>>()?;
     let m2 = m.clone();
-    let outputs = tokio::task::spawn_blocking(move || m2.infer(inputs))
+    let t0 = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || m2.infer(inputs))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| match e {
-            RuntimeError::BadInput(msg) => ApiError(StatusCode::BAD_REQUEST, msg),
-            other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-        })?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // The caller's bad input is not the model's failure.
+    if !matches!(result, Err(RuntimeError::BadInput(_))) {
+        ctx.metrics.record(&m.name, m.version, m.backend(), result.is_ok(), t0.elapsed().as_micros() as u64);
+    }
+    let outputs = result.map_err(|e| match e {
+        RuntimeError::BadInput(msg) => ApiError(StatusCode::BAD_REQUEST, msg),
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    })?;
     Ok(Json(InferResponse {
         model_name: m.name.clone(),
         model_version: m.version.to_string(),

@@ -85,6 +85,23 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Delete every blob not in `keep`; returns how many went. Only call with no install running
+    /// (an install imports blobs before the state refers to them).
+    pub fn prune(&self, keep: &std::collections::HashSet<String>) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                std::fs::remove_file(e.path()).with_context(|| format!("removing blob {name}"))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Read a blob, checking its digest (a flipped bit on disk is caught here).
     pub fn read(&self, sha256: &str) -> anyhow::Result<Vec<u8>> {
         let p = self.path(sha256)?;

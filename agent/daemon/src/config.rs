@@ -16,10 +16,13 @@ pub struct FileConfig {
     pub broker: Option<String>,
     pub trust_root: Option<PathBuf>,
     pub api: Option<String>,
+    pub api_socket: Option<PathBuf>,
     pub password: Option<String>,
     pub topic_prefix: Option<String>,
     /// Disk space an install must leave free, in bytes (default 64 MiB).
     pub disk_reserve_bytes: Option<u64>,
+    /// Most payload bytes the telemetry outbox holds while offline (default 4 MiB).
+    pub outbox_max_bytes: Option<u64>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
@@ -68,12 +71,16 @@ pub struct AgentConfig {
     pub trust_root: PathBuf,
     /// Where the local inference API listens (port 0 picks one; see `endpoints.json`).
     pub api: SocketAddr,
+    /// The same API on a Unix socket too, when set.
+    pub api_socket: Option<PathBuf>,
     /// Broker password for this device (username is the device id).
     pub password: Option<String>,
     pub topic_prefix: String,
     pub tags: BTreeMap<String, String>,
     /// An install is refused before downloading unless, after it, this much disk stays free.
     pub disk_reserve_bytes: u64,
+    /// Telemetry kept while offline, in payload bytes; beyond it the oldest is dropped (and counted).
+    pub outbox_max_bytes: u64,
     /// The system clock (tests replace it to boot a device "in 1970"). Expiry is checked against
     /// the trusted clock, which never goes behind this or any signed time seen.
     pub clock: Clock,
@@ -115,10 +122,12 @@ impl AgentConfig {
             broker,
             trust_root,
             api: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            api_socket: None,
             password: None,
             topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
             tags: BTreeMap::new(),
             disk_reserve_bytes: DEFAULT_DISK_RESERVE,
+            outbox_max_bytes: 4 << 20,
             clock: Clock::system(),
         }
     }

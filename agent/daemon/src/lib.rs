@@ -9,9 +9,12 @@ pub mod blobs;
 pub mod config;
 pub mod fetch;
 pub mod installer;
+pub mod metrics;
 pub mod models;
+pub mod outbox;
 pub mod session;
 pub mod state;
+pub mod watchdog;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -58,6 +61,16 @@ pub struct Ctx {
     /// Bundle bytes received, per transport (including any received twice).
     pub received_http: std::sync::atomic::AtomicU64,
     pub received_mqtt: std::sync::atomic::AtomicU64,
+    /// Set between ConnAck and a connection error.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// One tag per publish handed to rumqttc, in order: the outbox row it carries, if any.
+    tags: Mutex<std::collections::VecDeque<Option<i64>>>,
+    /// Held while a tag is recorded and its publish enters rumqttc's queue, so both orders agree.
+    publish_gate: tokio::sync::Mutex<()>,
+    /// Outbox rows sent and not yet acknowledged.
+    outbox_inflight: Mutex<HashSet<i64>>,
+    outbox_wake: tokio::sync::Notify,
+    pub metrics: metrics::Metrics,
 }
 
 /// Chunks kept for an install that has not resumed yet.
@@ -68,10 +81,20 @@ impl Ctx {
         f(&mut self.state.lock().expect("state lock"))
     }
 
+    /// Publish now (QoS 1), not through the outbox: for state, hello and fetch requests, which
+    /// are current or nothing.
     pub async fn publish<T: Serialize>(&self, ch: Channel, body: T, retain: bool) {
         let payload = flotilla_proto::encode(&Msg::new(new_id(), unix_now_ms(), body));
+        self.publish_raw(ch, payload, retain, None).await
+    }
+
+    /// Every publish goes through here (see `outbox.rs` for why the tag).
+    pub async fn publish_raw(&self, ch: Channel, payload: Vec<u8>, retain: bool, outbox_seq: Option<i64>) {
         let topic = self.topics.device(&self.cfg.device_id, ch);
+        let _gate = self.publish_gate.lock().await;
+        self.tags.lock().expect("tags lock").push_back(outbox_seq);
         if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, retain, payload).await {
+            self.tags.lock().expect("tags lock").pop_back();
             tracing::warn!(error = %e, channel = ch.as_str(), "publish failed");
         }
     }
@@ -104,8 +127,9 @@ impl Ctx {
         mine
     }
 
+    /// Queue an event in the outbox; it reaches the control plane when the broker can take it.
     pub async fn publish_event(&self, ev: Event) {
-        self.publish(Channel::Events, ev, false).await
+        outbox::push_event(self, ev)
     }
 
     pub fn model_states(&self) -> Vec<ModelState> {
@@ -118,7 +142,8 @@ impl Ctx {
                 manifest_sha256: m.manifest_sha256.clone(),
                 backend: m.backend().to_string(),
                 model_sha256: m.manifest.artifact(flotilla_bundle::manifest::Role::Model).map(|a| a.sha256.clone()),
-                status: "active".into(),
+                status: if self.with_state(|s| s.is_baked(&m.name)).unwrap_or(false) { "active" } else { "baking" }
+                    .into(),
             })
             .collect()
     }
@@ -172,6 +197,12 @@ impl Agent {
             loose_chunks: Mutex::new(Default::default()),
             received_http: Default::default(),
             received_mqtt: Default::default(),
+            connected: Default::default(),
+            tags: Default::default(),
+            publish_gate: Default::default(),
+            outbox_inflight: Default::default(),
+            outbox_wake: Default::default(),
+            metrics: Default::default(),
             busy: Mutex::new(HashSet::new()),
             install_lock: tokio::sync::Mutex::new(()),
             cancel: CancellationToken::new(),
@@ -185,7 +216,17 @@ impl Agent {
             .await
             .with_context(|| format!("binding the local API on {}", ctx.cfg.api))?;
         let api_addr = listener.local_addr()?;
-        let endpoints = serde_json::json!({ "api": api_addr.to_string() });
+        // The same API on a Unix socket, when configured (a stale socket file is replaced).
+        let socket = match &ctx.cfg.api_socket {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("binding the local API on {}", path.display()))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let endpoints = serde_json::json!({ "api": api_addr.to_string(), "socket": ctx.cfg.api_socket });
         write_atomic(&ctx.cfg.data_dir.join("endpoints.json"), endpoints.to_string().as_bytes())?;
         tracing::info!(device = %ctx.cfg.device_id, api = %api_addr, broker = %ctx.cfg.broker, "agent started");
 
@@ -195,7 +236,16 @@ impl Agent {
             let app = api::router(c);
             let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
         }));
+        if let Some(socket) = socket {
+            let (c, stop) = (ctx.clone(), cancel.clone());
+            tasks.push(tokio::spawn(async move {
+                let app = api::router(c);
+                let _ = axum::serve(socket, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            }));
+        }
         tasks.push(tokio::spawn(session::run(ctx.clone(), eventloop, cancel.clone())));
+        tasks.push(tokio::spawn(outbox::drain(ctx.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(watchdog::run(ctx.clone(), cancel.clone())));
         Ok(Agent { ctx, cancel, tasks, api_addr })
     }
 
@@ -287,7 +337,20 @@ fn recover(ctx: &Ctx) -> anyhow::Result<()> {
             match restore(ctx, &candidate) {
                 Ok(m) => {
                     if candidate.version != inst.version {
-                        tracing::warn!(name = %inst.name, version = candidate.version, "fell back to the previous version");
+                        // Make it durable, and say so: the control plane must not believe the
+                        // broken version is running.
+                        let reason = last_err.as_ref().map(|e| format!("{e:#}")).unwrap_or_default();
+                        tracing::warn!(name = %inst.name, version = candidate.version, %reason, "rolled back to the previous version");
+                        ctx.with_state(|s| s.roll_back(&inst.name, unix_now()))?;
+                        outbox::push_event(
+                            ctx,
+                            Event::ModelRolledBack {
+                                name: inst.name.clone(),
+                                from_version: inst.version,
+                                to_version: candidate.version,
+                                reason,
+                            },
+                        );
                     }
                     ctx.registry.insert(m);
                     last_err = None;
@@ -306,7 +369,7 @@ fn recover(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<ActiveModel> {
+pub(crate) fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<ActiveModel> {
     let (doc, _) = parse_envelope(&inst.head)?;
     // Signatures are checked again; expiry is not: it guards installing, not running.
     let verified = ctx.trust.read().expect("trust lock").verify_manifest(&doc, 0)?;
@@ -315,13 +378,7 @@ fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<ActiveModel> {
         inst.golden_blob.as_ref().map(|g| ctx.blobs.read(g).and_then(|b| Ok(GoldenSet::decode(&b)?))).transpose()?;
     let (model, _) =
         load_and_test(&ctx.runtimes, &verified.manifest, &bytes, golden.as_ref()).map_err(anyhow::Error::msg)?;
-    Ok(ActiveModel {
-        name: inst.name.clone(),
-        version: inst.version,
-        manifest: verified.manifest,
-        manifest_sha256: verified.manifest_sha256,
-        model,
-    })
+    Ok(ActiveModel::new(inst.name.clone(), inst.version, verified.manifest, verified.manifest_sha256, model))
 }
 
 pub fn unix_now() -> u64 {

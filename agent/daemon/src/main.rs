@@ -40,6 +40,9 @@ struct Args {
     /// writes it to DATA_DIR/endpoints.json).
     #[arg(long)]
     api: Option<SocketAddr>,
+    /// Also serve the local API on this Unix socket (for apps on the device without TCP).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Broker password for this device.
     #[arg(long, env = "FLOTILLA_DEVICE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
@@ -78,8 +81,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.api = api.context("bad api address")?;
     }
     cfg.password = args.password.or(file.password);
+    cfg.api_socket = args.api_socket.or(file.api_socket);
     if let Some(r) = file.disk_reserve_bytes {
         cfg.disk_reserve_bytes = r;
+    }
+    if let Some(b) = file.outbox_max_bytes {
+        cfg.outbox_max_bytes = b;
     }
     if let Some(p) = file.topic_prefix {
         cfg.topic_prefix = p;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::{Channel, Chunk, Command, Topics};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use std::sync::atomic::Ordering;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::{AgentConfig, Ctx, installer};
@@ -46,6 +48,7 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
 
 pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut attempt = 0u32;
+    let mut acks = crate::outbox::Acks::default();
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -55,11 +58,15 @@ pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationTo
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(session_present = ack.session_present, "connected to broker");
                 attempt = 0;
+                ctx.connected.store(true, Ordering::Relaxed);
                 tokio::spawn(on_connect(ctx.clone()));
             }
             Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&ctx, p),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => acks.sent(&ctx, pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => acks.acked(&ctx, ack.pkid),
             Ok(_) => {}
             Err(e) => {
+                ctx.connected.store(false, Ordering::Relaxed);
                 let wait = backoff(attempt, rand_u64());
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection error");
                 attempt = attempt.saturating_add(1);
@@ -81,6 +88,8 @@ async fn on_connect(ctx: Arc<Ctx>) {
     }
     ctx.publish(Channel::Hello, ctx.hello(), false).await;
     ctx.publish_state().await;
+    crate::outbox::report_drops(&ctx);
+    ctx.outbox_wake.notify_one();
 }
 
 fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS models (
     prev_head BLOB,
     prev_model_blob TEXT,
     prev_golden_blob TEXT,
-    activated_at INTEGER NOT NULL
+    activated_at INTEGER NOT NULL,
+    -- Set once the active version passed its bake period (or was the good one rolled back to).
+    baked_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS highest (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS installs (
@@ -48,7 +50,20 @@ CREATE TABLE IF NOT EXISTS installs (
     updated INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
 ";
+
+/// One message waiting in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: i64,
+    pub channel: String,
+    pub payload: Vec<u8>,
+}
 
 impl State {
     pub fn open(path: &Path) -> anyhow::Result<State> {
@@ -57,6 +72,14 @@ impl State {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Data directories made before a column existed get it added.
+        let has_baked: bool =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('models') WHERE name = 'baked_at'", [], |r| {
+                r.get(0)
+            })?;
+        if !has_baked {
+            conn.execute_batch("ALTER TABLE models ADD COLUMN baked_at INTEGER")?;
+        }
         Ok(State { conn })
     }
 
@@ -113,7 +136,7 @@ impl State {
                 prev_version = models.version, prev_head = models.head,
                 prev_model_blob = models.model_blob, prev_golden_blob = models.golden_blob,
                 version = excluded.version, head = excluded.head, model_blob = excluded.model_blob,
-                golden_blob = excluded.golden_blob, activated_at = excluded.activated_at",
+                golden_blob = excluded.golden_blob, activated_at = excluded.activated_at, baked_at = NULL",
             params![m.name, m.version as i64, m.head, m.model_blob, m.golden_blob, now as i64],
         )?;
         tx.execute(
@@ -149,6 +172,108 @@ impl State {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?)
+    }
+
+    /// Roll a model back to its previous version (the broken one is forgotten; the highest
+    /// accepted version stays, so it cannot come back except as a newer version).
+    pub fn roll_back(&mut self, name: &str, now: u64) -> anyhow::Result<()> {
+        let n = self.conn.execute(
+            "UPDATE models SET version = prev_version, head = prev_head, model_blob = prev_model_blob,
+                golden_blob = prev_golden_blob, prev_version = NULL, prev_head = NULL,
+                prev_model_blob = NULL, prev_golden_blob = NULL, activated_at = ?2, baked_at = ?2
+             WHERE name = ?1 AND prev_version IS NOT NULL",
+            params![name, now as i64],
+        )?;
+        anyhow::ensure!(n == 1, "{name} has no previous version to roll back to");
+        Ok(())
+    }
+
+    /// Append a message to the outbox; while the outbox holds more than `max_bytes` of payload,
+    /// the oldest messages are dropped and counted (`outbox_dropped`). Returns how many were
+    /// dropped now.
+    pub fn outbox_push(&mut self, channel: &str, payload: &[u8], max_bytes: u64) -> anyhow::Result<u64> {
+        let tx = self.conn.transaction()?;
+        tx.execute("INSERT INTO outbox (channel, payload) VALUES (?1, ?2)", params![channel, payload])?;
+        let mut dropped = 0u64;
+        loop {
+            let bytes: i64 = tx.query_row("SELECT COALESCE(SUM(length(payload)), 0) FROM outbox", [], |r| r.get(0))?;
+            if bytes as u64 <= max_bytes {
+                break;
+            }
+            let n = tx.execute("DELETE FROM outbox WHERE seq = (SELECT MIN(seq) FROM outbox)", [])?;
+            if n == 0 {
+                break;
+            }
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tx.execute(
+                "INSERT INTO kv (k, v) VALUES ('outbox_dropped', ?1)
+                 ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?1",
+                params![dropped as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// Up to `limit` queued messages after `seq`, oldest first.
+    pub fn outbox_after(&self, seq: i64, limit: u32) -> anyhow::Result<Vec<Queued>> {
+        let mut st =
+            self.conn.prepare("SELECT seq, channel, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = st.query_map(params![seq, limit], |r| {
+            Ok(Queued { seq: r.get(0)?, channel: r.get(1)?, payload: r.get(2)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The broker acknowledged it.
+    pub fn outbox_remove(&self, seq: i64) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+        Ok(())
+    }
+
+    /// (messages queued, their payload bytes, messages dropped since the device was set up).
+    pub fn outbox_stats(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let (n, bytes): (i64, i64) =
+            self.conn.query_row("SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let dropped = self.get("outbox_dropped")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok((n as u64, bytes as u64, dropped))
+    }
+
+    /// The active version of `name` passed its bake period.
+    pub fn mark_baked(&self, name: &str, version: u64, now: u64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE models SET baked_at = ?3 WHERE name = ?1 AND version = ?2 AND baked_at IS NULL",
+            params![name, version as i64, now as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn is_baked(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT baked_at IS NOT NULL FROM models WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Every blob the active and previous versions of all models need.
+    pub fn referenced_blobs(&self) -> anyhow::Result<std::collections::HashSet<String>> {
+        let mut st =
+            self.conn.prepare("SELECT model_blob, golden_blob, prev_model_blob, prev_golden_blob FROM models")?;
+        let mut keep = std::collections::HashSet::new();
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            for i in 0..4 {
+                if let Some(b) = r.get::<_, Option<String>>(i)? {
+                    keep.insert(b);
+                }
+            }
+        }
+        Ok(keep)
     }
 
     pub fn get(&self, key: &str) -> anyhow::Result<Option<String>> {
@@ -235,5 +360,41 @@ mod tests {
         assert_eq!(s.trusted_now(0).unwrap(), 5000);
         assert_eq!(s.trusted_now(6000).unwrap(), 6000);
         assert_eq!(s.trusted_now(10).unwrap(), 6000);
+    }
+
+    #[test]
+    fn outbox_keeps_order_bounds_bytes_counts_drops_and_survives_reopening() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        {
+            let mut s = State::open(&path).unwrap();
+            for i in 0..10u8 {
+                assert_eq!(s.outbox_push("events", &[i; 100], 1000).unwrap(), 0);
+            }
+            // The eleventh pushes the total over 1000 bytes: the oldest goes, and is counted.
+            assert_eq!(s.outbox_push("events", &[10; 100], 1000).unwrap(), 1);
+            assert_eq!(s.outbox_stats().unwrap(), (10, 1000, 1));
+        }
+        let s = State::open(&path).unwrap();
+        let q = s.outbox_after(0, 100).unwrap();
+        assert_eq!(q.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), (1..=10).collect::<Vec<u8>>());
+        assert!(q.windows(2).all(|w| w[0].seq < w[1].seq));
+        s.outbox_remove(q[0].seq).unwrap();
+        let rest = s.outbox_after(q[0].seq, 3).unwrap();
+        assert_eq!(rest.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(s.outbox_stats().unwrap(), (9, 900, 1));
+    }
+
+    #[test]
+    fn roll_back_restores_the_previous_version_and_keeps_highest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = State::open(&d.path().join("state.db")).unwrap();
+        s.activate(&inst(1), "o1", 1).unwrap();
+        s.activate(&inst(2), "o2", 2).unwrap();
+        s.roll_back("m", 3).unwrap();
+        assert_eq!(s.installed().unwrap(), vec![inst(1)]);
+        assert_eq!(s.previous("m").unwrap(), None);
+        assert_eq!(s.highest("m").unwrap(), Some(2));
+        assert!(s.roll_back("m", 4).is_err(), "nothing left to roll back to");
     }
 }

@@ -58,6 +58,7 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
         .args(["--data-dir", d.join("agent").to_str().unwrap(), "--device-id", "proc-1"])
         .args(["--broker", &format!("mqtt://127.0.0.1:{}", server.mqtt_addr.port())])
         .args(["--trust-root", d.join("root.cbor").to_str().unwrap(), "--api", "127.0.0.1:0", "--tag", "group=lab"])
+        .args(["--api-socket", d.join("agent.sock").to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -106,6 +107,21 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
     assert_eq!(probs.len(), 10);
     assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "softmax output sums to 1: {probs:?}");
 
+    // Prometheus metrics count that inference, per model, version and backend.
+    let metrics = http.get(format!("{agent_api}/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = r#"flotilla_inferences_total{model="digits",version="1",backend="tract-onnx",outcome="ok"} 1"#;
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
+    assert!(metrics.contains("flotilla_outbox_dropped_total 0"), "{metrics}");
+    assert!(
+        metrics.contains(r#"flotilla_inference_seconds_count{model="digits",version="1",backend="tract-onnx"} 1"#),
+        "{metrics}"
+    );
+
+    // The same API answers on the Unix socket.
+    let reply = unix_get(&d.join("agent.sock"), "/v2/models/digits").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains(r#""platform":"tract-onnx""#), "{reply}");
+
     // SIGTERM: the agent exits cleanly and the control plane sees it go offline.
     assert!(Command::new("kill").args(["-TERM", &agent.id().to_string()]).status().unwrap().success());
     let status = agent.wait().unwrap();
@@ -113,4 +129,14 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
     let devices = wait_json(&http, &format!("{api}/api/v1/devices"), |v| v[0]["online"] == false).await;
     assert_eq!(devices[0]["models"][0]["version"], 1, "models are kept while offline: {devices}");
     server.shutdown().await;
+}
+
+/// One HTTP/1.1 GET over a Unix socket, the whole reply as text.
+async fn unix_get(socket: &Path, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

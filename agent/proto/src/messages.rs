@@ -41,7 +41,7 @@ pub struct ModelState {
     /// Hex SHA-256 of the model content: what a delta bundle's base must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_sha256: Option<String>,
-    /// `active` for now; later also `baking`.
+    /// `baking` while the watchdog still judges it, then `active`.
     pub status: String,
 }
 
@@ -84,6 +84,18 @@ pub enum Event {
     TrustRootRefused {
         version: u64,
         reason: String,
+    },
+    /// The device went back to the previous version of a model on its own (the active one
+    /// failed to verify, load or self-test at start, or its watchdog tripped).
+    ModelRolledBack {
+        name: String,
+        from_version: u64,
+        to_version: u64,
+        reason: String,
+    },
+    /// The outbox overflowed: `total` messages dropped since the device was set up.
+    TelemetryDropped {
+        total: u64,
     },
 }
 

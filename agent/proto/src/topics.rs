@@ -41,7 +41,8 @@ impl Channel {
         !matches!(self, Channel::Cmd | Channel::Chunk)
     }
 
-    fn parse(s: &str) -> Option<Channel> {
+    /// The channel named `s` (the last topic level).
+    pub fn parse(s: &str) -> Option<Channel> {
         Channel::ALL.into_iter().find(|c| c.as_str() == s)
     }
 }

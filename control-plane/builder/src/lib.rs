@@ -37,6 +37,10 @@ pub struct BuildOptions {
     pub golden: Vec<Vec<Tensor>>,
     pub golden_tolerance: f64,
     pub latency_budget_us: Option<u64>,
+    /// Bake period and the watchdog's thresholds during it (see [`HealthChecks`]).
+    pub bake_secs: Option<u64>,
+    pub max_error_rate: Option<f64>,
+    pub max_latency_p95_us: Option<u64>,
     pub backends: Vec<String>,
     /// Seconds since the epoch (the caller's clock).
     pub created: u64,
@@ -58,6 +62,9 @@ impl BuildOptions {
             golden: Vec::new(),
             golden_tolerance: HealthChecks::default().golden_tolerance,
             latency_budget_us: None,
+            bake_secs: None,
+            max_error_rate: None,
+            max_latency_p95_us: None,
             backends: Vec::new(),
             created,
             expires: None,
@@ -173,6 +180,9 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         health: HealthChecks {
             golden_tolerance: opts.golden_tolerance,
             latency_budget_us: opts.latency_budget_us,
+            bake_secs: opts.bake_secs,
+            max_error_rate: opts.max_error_rate,
+            max_latency_p95_us: opts.max_latency_p95_us,
             ..HealthChecks::default()
         },
     };

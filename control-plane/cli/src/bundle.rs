@@ -14,6 +14,8 @@ use flotilla_bundle::{SecretKey, TrustedRoot};
 use crate::client::Client;
 use crate::output::{self, Output};
 
+// Parsed once per run: the size of the `build` variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum BundleCmd {
     /// Build an unsigned bundle from a model file (ONNX). Records the model's inputs and
@@ -40,6 +42,17 @@ pub enum BundleCmd {
         /// Median self-test latency budget on the device, e.g. 50ms.
         #[arg(long, value_name = "DURATION")]
         latency_budget: Option<String>,
+        /// Bake period after activation, e.g. 10m: the device watches the model this long
+        /// (rolling back by itself when a threshold below is crossed) before it counts as good
+        /// and the version before it may be pruned.
+        #[arg(long, value_name = "DURATION")]
+        bake: Option<String>,
+        /// During the bake, roll back when more than this share of inferences fail (e.g. 0.05).
+        #[arg(long, value_name = "RATIO")]
+        max_error_rate: Option<f64>,
+        /// During the bake, roll back when the p95 inference latency exceeds this (e.g. 80ms).
+        #[arg(long, value_name = "DURATION")]
+        max_latency_p95: Option<String>,
         /// Backend preference, best first (repeatable): tract-onnx, ...
         #[arg(long = "backend")]
         backends: Vec<String>,
@@ -122,6 +135,9 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             golden: golden_files,
             golden_tolerance,
             latency_budget,
+            bake,
+            max_error_rate,
+            max_latency_p95,
             backends,
             expires,
             delta_from,
@@ -136,6 +152,13 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             opts.golden_tolerance = golden_tolerance;
             opts.latency_budget_us =
                 latency_budget.map(|l| parse_duration(&l).map(|d| d.as_micros() as u64)).transpose()?;
+            opts.bake_secs = bake.map(|b| parse_duration(&b).map(|d| d.as_secs())).transpose()?;
+            if let Some(r) = max_error_rate {
+                anyhow::ensure!((0.0..=1.0).contains(&r), "--max-error-rate {r}: expected a ratio between 0 and 1");
+            }
+            opts.max_error_rate = max_error_rate;
+            opts.max_latency_p95_us =
+                max_latency_p95.map(|l| parse_duration(&l).map(|d| d.as_micros() as u64)).transpose()?;
             opts.backends = backends;
             opts.expires = expires.map(|e| parse_time(&e, now)).transpose()?;
             opts.delta_only = delta_only;
@@ -324,7 +347,7 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
             "without_bases": data_offset + m.artifacts.iter().map(|a| a.full.as_ref().map_or(a.stored_size, |f| f.stored_size)).sum::<u64>(),
         },
         "runtime": {"backends": m.runtime.backends, "threads": m.runtime.threads, "delegate": m.runtime.delegate},
-        "health": {"golden_tolerance": m.health.golden_tolerance, "latency_budget_us": m.health.latency_budget_us, "golden": m.artifact(Role::Golden).is_some()},
+        "health": {"golden_tolerance": m.health.golden_tolerance, "latency_budget_us": m.health.latency_budget_us, "bake_secs": m.health.bake_secs, "max_error_rate": m.health.max_error_rate, "max_latency_p95_us": m.health.max_latency_p95_us, "golden": m.artifact(Role::Golden).is_some()},
         "signatures": doc.signatures.iter().map(|s| &s.keyid.0).collect::<Vec<_>>(),
         "data_offset": data_offset,
     });

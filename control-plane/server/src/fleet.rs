@@ -165,6 +165,14 @@ fn on_event(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
             tracing::warn!(device, version, reason, "device refused a trust root");
             return Ok(());
         }
+        Event::ModelRolledBack { name, from_version, to_version, reason } => {
+            tracing::warn!(device, name, from_version, to_version, reason, "device rolled a model back");
+            return Ok(());
+        }
+        Event::TelemetryDropped { total } => {
+            tracing::warn!(device, total, "device dropped telemetry while offline");
+            return Ok(());
+        }
     };
     // The offer id names its device; a device cannot report on another's offer.
     if offer.ends_with(&format!("/{device}")) {
@@ -182,6 +190,8 @@ fn event_kind(e: &Event) -> &'static str {
         Event::InstallFailed { .. } => "install_failed",
         Event::TrustRootAccepted { .. } => "trust_root_accepted",
         Event::TrustRootRefused { .. } => "trust_root_refused",
+        Event::ModelRolledBack { .. } => "model_rolled_back",
+        Event::TelemetryDropped { .. } => "telemetry_dropped",
     }
 }
 
@@ -201,6 +211,10 @@ fn event_json(e: &Event) -> serde_json::Value {
         }),
         Event::TrustRootAccepted { version } => serde_json::json!({"version": version}),
         Event::TrustRootRefused { version, reason } => serde_json::json!({"version": version, "reason": reason}),
+        Event::ModelRolledBack { name, from_version, to_version, reason } => serde_json::json!({
+            "name": name, "from_version": from_version, "to_version": to_version, "reason": reason
+        }),
+        Event::TelemetryDropped { total } => serde_json::json!({"total": total}),
     }
 }
 
