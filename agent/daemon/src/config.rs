@@ -25,6 +25,21 @@ pub struct FileConfig {
     pub outbox_max_bytes: Option<u64>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// The TensorFlow Lite C library (`libtensorflowlite_c.so`); else `$FLOTILLA_TFLITE_LIB`;
+    /// without either the agent runs the tract backends only.
+    pub tflite_lib: Option<PathBuf>,
+    /// External TFLite delegates bundles may name: `[delegates.npu] path = "/usr/lib/libvx_delegate.so"`
+    /// with optional `options = { key = "value" }` passed to the delegate.
+    #[serde(default)]
+    pub delegates: BTreeMap<String, DelegateConfig>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DelegateConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 impl FileConfig {
@@ -81,6 +96,9 @@ pub struct AgentConfig {
     pub disk_reserve_bytes: u64,
     /// Telemetry kept while offline, in payload bytes; beyond it the oldest is dropped (and counted).
     pub outbox_max_bytes: u64,
+    /// See [`FileConfig::tflite_lib`] and [`FileConfig::delegates`].
+    pub tflite_lib: Option<PathBuf>,
+    pub delegates: BTreeMap<String, DelegateConfig>,
     /// The system clock (tests replace it to boot a device "in 1970"). Expiry is checked against
     /// the trusted clock, which never goes behind this or any signed time seen.
     pub clock: Clock,
@@ -128,6 +146,8 @@ impl AgentConfig {
             tags: BTreeMap::new(),
             disk_reserve_bytes: DEFAULT_DISK_RESERVE,
             outbox_max_bytes: 4 << 20,
+            tflite_lib: None,
+            delegates: BTreeMap::new(),
             clock: Clock::system(),
         }
     }

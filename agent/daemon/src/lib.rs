@@ -48,6 +48,8 @@ pub struct Ctx {
     pub trust: RwLock<TrustedRoot>,
     pub registry: Registry,
     pub runtimes: Runtimes,
+    /// TFLite delegates bundles may ask for on this device.
+    pub delegates: Vec<String>,
     mqtt: AsyncClient,
     /// Bundle id → the install waiting for its chunks (each with its message, to acknowledge).
     pub chunk_routes: Mutex<HashMap<String, mpsc::Sender<(Chunk, rumqttc::Publish)>>>,
@@ -142,6 +144,8 @@ impl Ctx {
                 manifest_sha256: m.manifest_sha256.clone(),
                 backend: m.backend().to_string(),
                 model_sha256: m.manifest.artifact(flotilla_bundle::manifest::Role::Model).map(|a| a.sha256.clone()),
+                delegated_nodes: m.model.delegation().map(|d| d.delegated_nodes as u64),
+                cpu_nodes: m.model.delegation().map(|d| d.cpu_nodes as u64),
                 status: if self.with_state(|s| s.is_baked(&m.name)).unwrap_or(false) { "active" } else { "baking" }
                     .into(),
             })
@@ -163,6 +167,7 @@ impl Ctx {
             runtimes: self.runtimes.names().into_iter().map(String::from).collect(),
             tags: self.cfg.tags.clone(),
             root_version: Some(self.trust.read().expect("trust lock").root().version),
+            delegates: self.delegates.clone(),
         }
     }
 }
@@ -185,13 +190,15 @@ impl Agent {
         let trust = load_trust(&cfg, &state)?;
         let topics = Topics::new(&cfg.topic_prefix);
         let (mqtt, eventloop) = session::client(&cfg, &topics);
+        let (runtimes, delegates) = load_runtimes(&cfg);
         let ctx = Arc::new(Ctx {
             topics,
             state: Mutex::new(state),
             blobs,
             trust: RwLock::new(trust),
             registry: Registry::default(),
-            runtimes: Runtimes::default(),
+            runtimes,
+            delegates,
             mqtt,
             chunk_routes: Mutex::new(HashMap::new()),
             loose_chunks: Mutex::new(Default::default()),
@@ -275,6 +282,34 @@ impl Agent {
         self.cancel.cancel();
         for t in self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// The backends this device has: tract always, and the TensorFlow Lite library when one is
+/// configured (with XNNPACK if it has it, and the configured external delegates). A library or
+/// delegate that does not load is a loud warning, not a dead agent: tract still runs.
+fn load_runtimes(cfg: &AgentConfig) -> (Runtimes, Vec<String>) {
+    use flotilla_runtime::tflite::{ExternalDelegate, LibraryError, TfliteBackend, TfliteLib};
+    let lib = TfliteLib::locate(cfg.tflite_lib.as_deref()).and_then(|p| TfliteLib::load(&p));
+    match lib {
+        Ok(lib) => {
+            let mut backend = TfliteBackend::new(lib);
+            for (name, d) in &cfg.delegates {
+                let options: Vec<(String, String)> = d.options.clone().into_iter().collect();
+                match ExternalDelegate::load(name, &d.path, &options) {
+                    Ok(x) => backend = backend.with_external_delegate(x),
+                    Err(e) => tracing::warn!(delegate = %name, error = %e, "external delegate unavailable"),
+                }
+            }
+            let delegates: Vec<String> = backend.delegates().into_iter().map(String::from).collect();
+            tracing::info!(version = backend.library().version(), ?delegates, "TensorFlow Lite runtime loaded");
+            (Runtimes::default().prefer(Box::new(backend)), delegates)
+        }
+        Err(LibraryError::NotConfigured) => (Runtimes::default(), Vec::new()),
+        Err(e) => {
+            tracing::warn!(error = %e, "TensorFlow Lite unavailable; running the tract backends only");
+            (Runtimes::default(), Vec::new())
         }
     }
 }

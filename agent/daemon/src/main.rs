@@ -40,6 +40,9 @@ struct Args {
     /// writes it to DATA_DIR/endpoints.json).
     #[arg(long)]
     api: Option<SocketAddr>,
+    /// The TensorFlow Lite C library (default: $FLOTILLA_TFLITE_LIB; without one, tract only).
+    #[arg(long, value_name = "PATH")]
+    tflite_lib: Option<PathBuf>,
     /// Also serve the local API on this Unix socket (for apps on the device without TCP).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -82,6 +85,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     cfg.password = args.password.or(file.password);
     cfg.api_socket = args.api_socket.or(file.api_socket);
+    cfg.tflite_lib = args.tflite_lib.or(file.tflite_lib);
+    cfg.delegates = file.delegates;
     if let Some(r) = file.disk_reserve_bytes {
         cfg.disk_reserve_bytes = r;
     }

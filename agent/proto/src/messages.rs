@@ -19,6 +19,9 @@ pub struct Hello {
     /// Version of the trust root the device holds (the control plane sends newer ones).
     #[serde(default)]
     pub root_version: Option<u64>,
+    /// TFLite delegates bundles may ask for here (`xnnpack`, configured external ones).
+    #[serde(default)]
+    pub delegates: Vec<String>,
 }
 
 /// Retained per device. The last will is `State { online: false, models: None }`.
@@ -41,6 +44,11 @@ pub struct ModelState {
     /// Hex SHA-256 of the model content: what a delta bundle's base must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_sha256: Option<String>,
+    /// With a delegate: graph nodes it runs and nodes left on the CPU kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegated_nodes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_nodes: Option<u64>,
     /// `baking` while the watchdog still judges it, then `active`.
     pub status: String,
 }

@@ -22,6 +22,9 @@ pub struct Device {
     pub agent_version: Option<String>,
     pub arch: Option<String>,
     pub runtimes: Vec<String>,
+    /// TFLite delegates the device offers (`xnnpack`, an NPU's).
+    #[serde(default)]
+    pub delegates: Vec<String>,
     pub tags: BTreeMap<String, String>,
     pub models: Vec<DeviceModel>,
 }
@@ -35,6 +38,11 @@ pub struct DeviceModel {
     /// Hex SHA-256 of the model content (the base a delta bundle needs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_sha256: Option<String>,
+    /// With a delegate: graph nodes it runs, and nodes left on the CPU kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegated_nodes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_nodes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -16,7 +16,11 @@ pub fn compute(
     settings: &RuntimeSettings,
     cases: &[Vec<Tensor>],
 ) -> Result<GoldenSet, BuildError> {
-    let loaded = Runtimes::default().load(model, sig, settings)?;
+    // The reference is the runtime's own CPU kernels, never a delegate: the real TFLite library
+    // when one is configured (`FLOTILLA_TFLITE_LIB`), else tract.
+    let reference = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
+    let runtimes = Runtimes::with_tflite(None).unwrap_or_default();
+    let loaded = runtimes.load(model, sig, &reference)?;
     let mut out = GoldenSet::default();
     for case in cases {
         let inputs = checked(sig, case)?;

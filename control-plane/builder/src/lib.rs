@@ -41,6 +41,11 @@ pub struct BuildOptions {
     pub bake_secs: Option<u64>,
     pub max_error_rate: Option<f64>,
     pub max_latency_p95_us: Option<u64>,
+    /// TFLite delegate the devices should use (`xnnpack`, or a name their config maps to a
+    /// library), and whether running without it is a failed install.
+    pub delegate: Option<String>,
+    pub accelerator_required: bool,
+    pub threads: Option<u32>,
     pub backends: Vec<String>,
     /// Seconds since the epoch (the caller's clock).
     pub created: u64,
@@ -65,6 +70,9 @@ impl BuildOptions {
             bake_secs: None,
             max_error_rate: None,
             max_latency_p95_us: None,
+            delegate: None,
+            accelerator_required: false,
+            threads: None,
             backends: Vec::new(),
             created,
             expires: None,
@@ -104,9 +112,7 @@ pub fn parse_input_shape(s: &str) -> Result<(String, Vec<u64>), BuildError> {
 pub fn signature(opts: &BuildOptions) -> Result<ModelSignature, BuildError> {
     let mut sig = match detect_format(&opts.model)? {
         ModelFormat::Onnx => flotilla_runtime::tract_onnx::inspect_onnx(&opts.model)?,
-        ModelFormat::Tflite => {
-            return Err(BuildError::Input("TFLite models are not supported by this build yet; use ONNX".into()));
-        }
+        ModelFormat::Tflite => flotilla_runtime::tract_tflite::inspect_tflite(&opts.model)?,
     };
     for (name, dims) in &opts.input_shapes {
         let spec = sig.inputs.iter_mut().find(|i| &i.name == name).ok_or_else(|| {
@@ -146,7 +152,12 @@ pub struct Built {
 pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     flotilla_bundle::manifest::check_label("bundle name", &opts.name)?;
     let model_signature = signature(opts)?;
-    let runtime = RuntimeSettings { backends: opts.backends.clone(), ..Default::default() };
+    let runtime = RuntimeSettings {
+        backends: opts.backends.clone(),
+        threads: opts.threads,
+        delegate: opts.delegate.clone(),
+        accelerator_required: opts.accelerator_required,
+    };
     let mut artifacts = vec![ArtifactInput {
         name: "model".into(),
         role: Role::Model,

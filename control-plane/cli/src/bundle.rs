@@ -18,8 +18,10 @@ use crate::output::{self, Output};
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum BundleCmd {
-    /// Build an unsigned bundle from a model file (ONNX). Records the model's inputs and
-    /// outputs; symbolic dimensions (e.g. batch N) stay symbolic unless pinned.
+    /// Build an unsigned bundle from a model file (ONNX or TFLite, told apart by content, not
+    /// name). Records the model's inputs and outputs; symbolic dimensions (e.g. batch N) stay
+    /// symbolic unless pinned. Golden outputs come from tract, or from the TFLite library at
+    /// $FLOTILLA_TFLITE_LIB for TFLite models when it is set.
     Build {
         #[arg(long)]
         name: String,
@@ -53,9 +55,20 @@ pub enum BundleCmd {
         /// During the bake, roll back when the p95 inference latency exceeds this (e.g. 80ms).
         #[arg(long, value_name = "DURATION")]
         max_latency_p95: Option<String>,
-        /// Backend preference, best first (repeatable): tract-onnx, ...
+        /// Backend preference, best first (repeatable): tract-onnx, tract-tflite, tflite.
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// TFLite delegate for the devices: `xnnpack`, or a name the agents' config maps to a
+        /// delegate library (e.g. an NPU's). Without --accelerator-required, a device that
+        /// cannot apply it runs on the CPU and says so.
+        #[arg(long, value_name = "NAME")]
+        delegate: Option<String>,
+        /// Running without the --delegate is a failed install, never a silent CPU fallback.
+        #[arg(long, requires = "delegate")]
+        accelerator_required: bool,
+        /// Interpreter threads on the device (default: the runtime's).
+        #[arg(long)]
+        threads: Option<u32>,
         /// Expiry: RFC 3339 time or a duration from now (30d, 12h).
         #[arg(long)]
         expires: Option<String>,
@@ -139,6 +152,9 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             max_error_rate,
             max_latency_p95,
             backends,
+            delegate,
+            accelerator_required,
+            threads,
             expires,
             delta_from,
             delta_only,
@@ -160,6 +176,9 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             opts.max_latency_p95_us =
                 max_latency_p95.map(|l| parse_duration(&l).map(|d| d.as_micros() as u64)).transpose()?;
             opts.backends = backends;
+            opts.delegate = delegate;
+            opts.accelerator_required = accelerator_required;
+            opts.threads = threads;
             opts.expires = expires.map(|e| parse_time(&e, now)).transpose()?;
             opts.delta_only = delta_only;
             if let Some(old) = &delta_from {
@@ -346,7 +365,7 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
             "holding_bases": data_offset + m.artifacts.iter().map(|a| a.stored_size).sum::<u64>(),
             "without_bases": data_offset + m.artifacts.iter().map(|a| a.full.as_ref().map_or(a.stored_size, |f| f.stored_size)).sum::<u64>(),
         },
-        "runtime": {"backends": m.runtime.backends, "threads": m.runtime.threads, "delegate": m.runtime.delegate},
+        "runtime": {"backends": m.runtime.backends, "threads": m.runtime.threads, "delegate": m.runtime.delegate, "accelerator_required": m.runtime.accelerator_required},
         "health": {"golden_tolerance": m.health.golden_tolerance, "latency_budget_us": m.health.latency_budget_us, "bake_secs": m.health.bake_secs, "max_error_rate": m.health.max_error_rate, "max_latency_p95_us": m.health.max_latency_p95_us, "golden": m.artifact(Role::Golden).is_some()},
         "signatures": doc.signatures.iter().map(|s| &s.keyid.0).collect::<Vec<_>>(),
         "data_offset": data_offset,

@@ -100,6 +100,7 @@ async fn on_hello(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()
     let hello = serde_json::json!({
         "agent_version": msg.body.agent_version, "arch": msg.body.arch, "os": msg.body.os,
         "cores": msg.body.cores, "memory_bytes": msg.body.memory_bytes, "runtimes": msg.body.runtimes,
+        "delegates": msg.body.delegates,
     });
     s.store.device_hello(device, &hello.to_string(), &tags, now_s())?;
     if let Some(v) = msg.body.root_version {
@@ -133,6 +134,8 @@ fn on_state(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
                         backend: m.backend.clone(),
                         status: m.status.clone(),
                         model_sha256: m.model_sha256.clone(),
+                        delegated_nodes: m.delegated_nodes,
+                        cpu_nodes: m.cpu_nodes,
                     })
                     .collect::<Vec<_>>(),
             )

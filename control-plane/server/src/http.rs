@@ -80,6 +80,7 @@ fn device(row: DeviceRow) -> Device {
         agent_version: hello["agent_version"].as_str().map(String::from),
         arch: hello["arch"].as_str().map(String::from),
         runtimes: serde_json::from_value(hello["runtimes"].clone()).unwrap_or_default(),
+        delegates: serde_json::from_value(hello["delegates"].clone()).unwrap_or_default(),
         tags: serde_json::from_str(&row.tags).unwrap_or_default(),
         models: serde_json::from_str::<Vec<DeviceModel>>(&row.models).unwrap_or_default(),
     }
