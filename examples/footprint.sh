@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Measures the agent's footprint with the real release binaries: stripped size, and idle RSS
-# with no model and with the digits model installed through a real rollout.
+# Measures the agent's footprint as it ships (the `edge` profile: LTO, one codegen unit,
+# stripped): binary size, and idle RSS with no model and with the digits model installed
+# through a real rollout. The control plane and CLI are the release builds.
 #   bash examples/footprint.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p flotilla-agent -p flotilla-server -p flotilla >&2
+cargo build --profile edge --locked -p flotilla-agent >&2
+cargo build --release --locked -p flotilla-server -p flotilla >&2
 bin=target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
-strip -o "$work/flotilla-agent.stripped" "$bin/flotilla-agent"
-echo "agent binary: $(stat -c %s "$bin/flotilla-agent") bytes, stripped $(stat -c %s "$work/flotilla-agent.stripped") bytes"
+cp target/edge/flotilla-agent "$work/flotilla-agent.stripped"
+echo "agent binary (edge profile, stripped): $(stat -c %s "$work/flotilla-agent.stripped") bytes"
 
 wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "timeout: $1" >&2; exit 1; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -47,7 +47,12 @@ def utterance(rng, sr, chunk, silent, speech, noise):
 
 def tensor(name, value):
     value = np.asarray(value)
-    return {"name": name, "dtype": DTYPES[value.dtype.type], "shape": list(value.shape), "data": value.flatten().tolist()}
+    return {
+        "name": name,
+        "dtype": DTYPES[value.dtype.type],
+        "shape": list(value.shape),
+        "data": value.flatten().tolist(),
+    }
 
 
 class Model:

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use flotilla_bundle::manifest::{DType, Dim, ModelFormat, ModelSignature, RuntimeSettings, TensorSpec};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::InferenceSimplePlan;
 
 use crate::error::RuntimeError;
 use crate::tensor::{Tensor as FTensor, TensorData};
@@ -33,16 +34,19 @@ impl Backend for TractOnnx {
     ) -> Result<Box<dyn LoadedModel>, RuntimeError> {
         crate::refuse_required_accelerator(NAME, settings)?;
         let err = |e: TractError| RuntimeError::Load { backend: NAME, detail: format!("{e:#}") };
-        let mut m = tract_onnx::onnx().model_for_read(&mut Cursor::new(model)).map_err(err)?;
+        let read = || tract_onnx::onnx().model_for_read(&mut Cursor::new(model)).map_err(err);
+        let mut m = read()?;
         let input_names: Vec<String> =
             m.input_outlets().map_err(err)?.iter().map(|o| m.node(o.node).name.clone()).collect();
+        let index = |spec: &TensorSpec| {
+            input_names.iter().position(|n| *n == spec.name).ok_or_else(|| RuntimeError::Load {
+                backend: NAME,
+                detail: format!("manifest input {:?} is not an input of the model ({input_names:?})", spec.name),
+            })
+        };
         // Pin each input's fact to the manifest's signature (dims pinned at build time stay pinned;
         // symbolic dims become tract symbols resolved per request).
         for spec in &sig.inputs {
-            let ix = input_names.iter().position(|n| *n == spec.name).ok_or_else(|| RuntimeError::Load {
-                backend: NAME,
-                detail: format!("manifest input {:?} is not an input of the model ({input_names:?})", spec.name),
-            })?;
             let dims: TVec<TDim> = spec
                 .shape
                 .iter()
@@ -51,9 +55,30 @@ impl Backend for TractOnnx {
                     Dim::Symbolic(s) => m.symbols.sym(s).into(),
                 })
                 .collect();
-            m.set_input_fact(ix, InferenceFact::dt_shape(datum_type(spec.dtype)?, dims)).map_err(err)?;
+            m.set_input_fact(index(spec)?, InferenceFact::dt_shape(datum_type(spec.dtype)?, dims)).map_err(err)?;
         }
-        let plan = m.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+        // The optimised plan first. Some exporters write graphs tract cannot type as a whole:
+        // TorchScript turns `squeeze` into `If(dim == 1, Squeeze, Identity)` and Silero VAD
+        // switches on its sample rate with an `If` around the network, and tract types both
+        // branches of every `If`. Its inference-mode runner works out shapes and picks the branch
+        // while it runs (so inputs declare their type only), and runs such models, unoptimised.
+        // If that cannot load either, the optimiser's error is the one reported.
+        let plan = match m.into_optimized().and_then(|t| t.into_runnable()) {
+            Ok(plan) => Plan::Optimized(plan),
+            Err(first) => {
+                let unoptimized = || -> Result<_, RuntimeError> {
+                    let mut m = read()?;
+                    for spec in &sig.inputs {
+                        m.set_input_fact(index(spec)?, InferenceFact::dt(datum_type(spec.dtype)?)).map_err(err)?;
+                    }
+                    m.into_runnable().map_err(err)
+                };
+                match unoptimized() {
+                    Ok(plan) => Plan::Unoptimized(plan),
+                    Err(_) => return Err(err(first)),
+                }
+            }
+        };
         let output_names = sig.outputs.iter().map(|o| o.name.clone()).collect();
         let input_order =
             sig.inputs.iter().map(|s| input_names.iter().position(|n| *n == s.name).unwrap_or(0)).collect();
@@ -61,8 +86,14 @@ impl Backend for TractOnnx {
     }
 }
 
+enum Plan {
+    Optimized(Arc<TypedRunnableModel>),
+    /// tract's inference-mode runner: slower, resolves shapes and `If` branches while running.
+    Unoptimized(Arc<InferenceSimplePlan>),
+}
+
 struct TractModel {
-    plan: Arc<TypedRunnableModel>,
+    plan: Plan,
     output_names: Vec<String>,
     /// Position in the model's input list of each manifest input.
     input_order: Vec<usize>,
@@ -79,8 +110,11 @@ impl LoadedModel for TractModel {
             slots[ix] = Some(to_tract(t)?.into());
         }
         let inputs: TVec<TValue> = slots.into_iter().map(|s| s.expect("every input slot filled")).collect();
-        let outputs =
-            self.plan.run(inputs).map_err(|e| RuntimeError::Run { backend: NAME, detail: format!("{e:#}") })?;
+        let outputs = match &self.plan {
+            Plan::Optimized(p) => p.run(inputs),
+            Plan::Unoptimized(p) => p.run(inputs),
+        }
+        .map_err(|e| RuntimeError::Run { backend: NAME, detail: format!("{e:#}") })?;
         outputs.iter().zip(&self.output_names).map(|(t, name)| from_tract(name, t)).collect()
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! The models and `reference.json` are fetched on first use by `assets/fetch-onnx.sh` into
 //! `target/test-assets/onnx` (git-ignored); `assets/make_onnx_reference.py` says what the inputs
-//! are. Stateful models run as streams: each step's state input is this backend's own state
-//! output from the step before, so errors would accumulate as they would on a device.
+//! are. Stateful models are checked as streams: each step's state input is this backend's own
+//! state output from the step before, so errors accumulate as they would on a device. The Silero
+//! VADs only run on tract's inference-mode runner (see below).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -161,26 +162,6 @@ fn assert_matches(file: &str) {
     assert!(diff <= TOLERANCE, "{file}: max |diff| {diff:e} > {TOLERANCE:e}");
 }
 
-/// tract-onnx refuses `file` declared as `sig`, with an error that says where and why. Should a
-/// newer tract load it, this fails with the comparison to run instead.
-fn assert_refused(file: &str, sig: &ModelSignature, why: &[&str]) {
-    let m = model(file);
-    match load(m, sig) {
-        Ok(model) => panic!(
-            "{file} now loads on tract-onnx (max |diff| {:e} over the reference): compare it instead",
-            max_diff(m, sig, model.as_ref(), &m.cases)
-        ),
-        Err(RuntimeError::Unsupported(e)) => {
-            eprintln!("tract-onnx {file:36} refused: {e}");
-            assert!(e.contains("model failed to load on tract-onnx"), "{file}: {e}");
-            for w in why {
-                assert!(e.contains(w), "{file}: expected {w:?} in: {e}");
-            }
-        }
-        Err(e) => panic!("{file}: expected Unsupported, got {e}"),
-    }
-}
-
 /// Every model of the reference is one of these and checked below.
 const MODELS: &[&str] = &[
     "silero_vad/silero_vad.onnx",
@@ -233,6 +214,34 @@ fn inspect_agrees_with_onnxruntime() {
     assert_eq!(format!("{:?}", sig.inputs[1].shape), r#"[Fixed(2), Symbolic("state_1"), Fixed(128)]"#);
 }
 
+/// The reference streams are what `max_diff` assumes: a stream starts with a case that does not
+/// continue, and a continuing case's state inputs are the previous step's state outputs.
+#[test]
+fn reference_streams_feed_state_back() {
+    let mut streams = Vec::new();
+    for m in reference().models.iter().filter(|m| !m.feedback.is_empty()) {
+        assert!(!m.cases[0].continues, "{}", m.file);
+        let starts = m.cases.iter().filter(|c| !c.continues).count();
+        streams.push((m.file.as_str(), starts, m.cases.len()));
+        for pair in m.cases.windows(2) {
+            let [before, case] = pair else { unreachable!("windows of two") };
+            for (input, output) in m.feedback.iter().filter(|_| case.continues) {
+                let fed = case.inputs.iter().find(|t| t.name == *input).unwrap();
+                let out = before.outputs.iter().find(|t| t.name == *output).unwrap();
+                assert_eq!((&fed.shape, &fed.data), (&out.shape, &out.data), "{} {input}", m.file);
+            }
+        }
+    }
+    assert_eq!(
+        streams,
+        [
+            ("silero_vad/silero_vad.onnx", 3, 42),
+            ("silero_vad/silero_vad_half.onnx", 2, 28),
+            ("openwakeword/silero_vad.onnx", 1, 14)
+        ]
+    );
+}
+
 /// Dynamic batch and length: [1, 1280], [2, 1760], then [1, 1280] again on the same model.
 #[test]
 fn openwakeword_melspectrogram_matches_onnxruntime() {
@@ -256,17 +265,14 @@ fn openwakeword_classifiers_match_onnxruntime() {
 }
 
 /// hey_mycroft (a Keras bidirectional LSTM via tf2onnx) builds its zero initial state with
-/// Expand from Shape -> Cast(INT32) -> Slice -> Concat -> Cast(INT64) of the input; with a
-/// symbolic batch tract loses that shape, so the model only loads with the batch declared fixed.
+/// Expand(0, Shape -> Cast(INT32) -> Slice -> Concat -> Cast(INT64) of the input). tract's
+/// optimiser cannot follow that shape with a symbolic batch, so as inspected it runs on tract's
+/// inference-mode runner; with the batch declared fixed it gets the optimised plan. Both match.
 #[test]
-fn openwakeword_hey_mycroft_matches_onnxruntime_with_a_fixed_batch() {
+fn openwakeword_hey_mycroft_matches_onnxruntime() {
     let file = "openwakeword/hey_mycroft_v0.1.onnx";
+    assert_matches(file);
     let m = model(file);
-    assert_refused(
-        file,
-        &signature(m),
-        &["model/bidirectional/backward_lstm/zeros", "shape input is variable, of variable length"],
-    );
     for case in &m.cases {
         let batch = case.inputs[0].shape[0];
         let sig = declare(signature(m), "input_1", 0, Dim::Fixed(batch as u64));
@@ -279,57 +285,25 @@ fn openwakeword_hey_mycroft_matches_onnxruntime_with_a_fixed_batch() {
 
 // The Silero VADs are TorchScript exports full of IF ops: `squeeze` becomes
 // `If(dim == 1, Squeeze, Identity)`, and silero-vad 5 dispatches on `sr` (16 kHz or 8 kHz) with
-// an IF over the whole network. tract 0.23 types both branches of every IF, even when the
-// condition is known, and wants both to have the same output fact; it cannot, so these models
-// do not load on tract-onnx whatever the manifest declares. The references (16 kHz and 8 kHz
-// streams, a batch of two streams; state fed back at every step) are there for when they do.
+// an IF over the whole network. tract 0.23's optimiser types both branches of every IF and wants
+// them to agree, which these cannot; the backend then runs them on tract's inference-mode
+// runner, which picks the branch at run time. Checked as streams (16 kHz and 8 kHz, and a batch
+// of two streams), the state fed back at every step.
 
-/// silero-vad 5.1.2. Declared as inspected, the 16 kHz branch's squeeze of a symbolic dim fails;
-/// declared as concrete as a 16 kHz stream can be ([1, 576], state [2, 1, 128]), the 8 kHz
-/// branch, analysed with the same input, squeezes a dim of 2.
+/// silero-vad 5.1.2 (inputs `input`, `state`, `sr`).
 #[test]
-fn silero_vad_5_is_refused_by_tract() {
-    let file = "silero_vad/silero_vad.onnx";
-    let squeeze = "Attempt to squeeze an axis which dimension is not one";
-    let sig = signature(model(file));
-    assert_refused(file, &sig, &["If_0_then_branch__Inline_0__/decoder/Squeeze", squeeze]);
-    let sig = declare(sig, "input", 0, Dim::Fixed(1));
-    let sig = declare(sig, "input", 1, Dim::Fixed(576));
-    let sig = declare(sig, "state", 1, Dim::Fixed(1));
-    assert_refused(
-        file,
-        &sig,
-        &["If_0_else_branch__Inline_0__/decoder/Squeeze", squeeze, "[Val(1), Val(128), Val(2)]"],
-    );
+fn silero_vad_5_matches_onnxruntime() {
+    assert_matches("silero_vad/silero_vad.onnx");
 }
 
-/// The 16 kHz-only silero-vad 5.1.2 variant: even at fixed shapes the typed IF refuses a
-/// squeeze in one branch and an identity in the other.
+/// The 16 kHz-only silero-vad 5.1.2 variant.
 #[test]
-fn silero_vad_5_half_is_refused_by_tract() {
-    let file = "silero_vad/silero_vad_half.onnx";
-    let sig = signature(model(file));
-    assert_refused(file, &sig, &["/decoder/Squeeze", "Attempt to squeeze an axis which dimension is not one"]);
-    let sig = declare(sig, "input", 0, Dim::Fixed(1));
-    let sig = declare(sig, "input", 1, Dim::Fixed(576));
-    let sig = declare(sig, "state", 1, Dim::Fixed(1));
-    assert_refused(file, &sig, &["\"/decoder/If\" If ToTypedTranslator", "IfThenElse", "(1,128,F32 vs 1,128,1,F32)"]);
+fn silero_vad_5_half_matches_onnxruntime() {
+    assert_matches("silero_vad/silero_vad_half.onnx");
 }
 
-/// The older Silero VAD openWakeWord 0.4.0 ships (h and c instead of state): the same typed-IF
-/// refusal, with symbolic or fixed shapes.
+/// The older Silero VAD that openWakeWord 0.4.0 ships (`h` and `c` instead of `state`).
 #[test]
-fn openwakeword_silero_vad_is_refused_by_tract() {
-    let file = "openwakeword/silero_vad.onnx";
-    let sig = signature(model(file));
-    assert_refused(
-        file,
-        &sig,
-        &["\"If_69\" If ToTypedTranslator", "IfThenElse", "(batch,1,sequence+192,F32 vs batch,1,1,sequence+192,F32)"],
-    );
-    let mut sig = declare(sig, "input", 0, Dim::Fixed(1));
-    sig = declare(sig, "input", 1, Dim::Fixed(480));
-    sig = declare(sig, "h", 1, Dim::Fixed(1));
-    sig = declare(sig, "c", 1, Dim::Fixed(1));
-    assert_refused(file, &sig, &["\"If_69\" If ToTypedTranslator", "(1,1,672,F32 vs 1,1,1,672,F32)"]);
+fn openwakeword_silero_vad_matches_onnxruntime() {
+    assert_matches("openwakeword/silero_vad.onnx");
 }
