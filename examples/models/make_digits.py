@@ -22,6 +22,17 @@ Outputs (next to this script):
                              digits_cnn_wide.onnx with only fc fine-tuned on drifted training images, same
                              recipe as digits_cnn_fc_retrained.onnx; both wide files are made after all of
                              the above, with their own seed, so the files above do not change
+  digits_cnn_int8_qdq_softmax.onnx
+                             a deliberately BAD fixture: digits_cnn.onnx quantized exactly like
+                             digits_cnn_int8_qdq.onnx but with Softmax quantized too (ORT's default op set,
+                             no nodes excluded). onnxruntime runs it correctly; tract 0.23 folds
+                             DequantizeLinear->Softmax->QuantizeLinear into a LookupTable and silently returns
+                             wrong probabilities (all 1.0), so a device's golden self-test must refuse it
+  digits_cnn_int8_qdq_softmax_golden.json
+                             JSON array of 2 golden cases for that model: a KServe v2 infer request
+                             ({"inputs": [...]}, the first two samples of digits_test.json as [1,1,8,8] FP32)
+                             plus "outputs": the `probabilities` [1,10] onnxruntime computes for them.
+                             Both are made last, after all of the above (no randomness), so those do not change
 
 Usage:
   python3 -m pip install -r examples/models/requirements.txt
@@ -62,6 +73,9 @@ BASELINE_NPY = os.path.join(OUT_DIR, "digits_baseline.npy")
 FC_RETRAINED_PATH = os.path.join(OUT_DIR, "digits_cnn_fc_retrained.onnx")
 WIDE_PATH = os.path.join(OUT_DIR, "digits_cnn_wide.onnx")
 WIDE_FC_RETRAINED_PATH = os.path.join(OUT_DIR, "digits_cnn_wide_fc_retrained.onnx")
+SOFTMAX_Q_PATH = os.path.join(OUT_DIR, "digits_cnn_int8_qdq_softmax.onnx")
+SOFTMAX_Q_GOLDEN = os.path.join(OUT_DIR, "digits_cnn_int8_qdq_softmax_golden.json")
+N_GOLDEN = 2  # golden cases for the Softmax-quantized model: the first samples of digits_test.json
 
 SEED = 0
 OPSET = 13
@@ -697,6 +711,100 @@ def make_wide(x_tr, y_tr, x_te, y_te):
     return accs
 
 
+# ----------------------------------------------------------------------------- Softmax-quantized (bad) fixture
+def make_int8_softmax(x_tr, x_te32, y_te, probs_f32):
+    """digits_cnn_int8_qdq_softmax.onnx and its golden cases (onnxruntime's outputs).
+
+    Same quantize_static call as digits_cnn_int8_qdq.onnx except that no node is excluded, so
+    onnxruntime's default op set also puts Q/DQ after Softmax. onnxruntime computes that model
+    correctly; tract 0.23 does not (it returns wrong probabilities without an error), which is
+    what the golden self-test has to catch. Deterministic, no randomness; reads only files
+    already written (digits_cnn.onnx, digits_test.json).
+    """
+    print("int8 QDQ with Softmax quantized too (deliberately bad fixture for tract) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = os.path.join(tmp, "q.onnx")
+        quantize_static(
+            F32_PATH,
+            tmp_out,
+            DigitsReader(x_tr[:N_CALIB]),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            calibrate_method=CalibrationMethod.MinMax,
+            # no nodes_to_exclude: ORT's default, Softmax is quantized as well
+        )
+        qmodel = onnx.load(tmp_out)
+    ops = [n.op_type for n in qmodel.graph.node]
+    sm = [n for n in qmodel.graph.node if n.op_type == "Softmax"]
+    assert len(sm) == 1
+    consumers = [n.op_type for n in qmodel.graph.node if sm[0].output[0] in n.input]
+    if consumers != ["QuantizeLinear"]:
+        sys.exit(f"expected Softmax to be followed by QuantizeLinear, got {consumers} (ops: {ops})")
+    outs = [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]) for o in qmodel.graph.output]
+    assert outs == [("probabilities", ["N", 10])], outs
+    assert [i.name for i in qmodel.graph.input] == ["input"]
+
+    qmodel.doc_string = (
+        "DELIBERATELY BAD FIXTURE for runtimes that mis-handle quantized Softmax. int8 QDQ version of "
+        "digits_cnn.onnx made by onnxruntime.quantization.quantize_static with the same settings as "
+        f"digits_cnn_int8_qdq.onnx (QDQ, QInt8 activations+weights, per-tensor, MinMax calibration on {N_CALIB} "
+        "training images) but with no nodes excluded, so Softmax is quantized too (QuantizeLinear/"
+        "DequantizeLinear after it). onnxruntime runs it correctly; tract 0.23 folds "
+        "DequantizeLinear->Softmax->QuantizeLinear into a LookupTable and returns wrong probabilities "
+        "without an error. A golden self-test must refuse it on such a runtime."
+    )
+    onnx.checker.check_model(qmodel)
+    onnx.save(qmodel, SOFTMAX_Q_PATH)
+    probs_q = run_ort(SOFTMAX_Q_PATH, x_te32)
+    acc_q = float((probs_q.argmax(1) == y_te).mean())
+    acc_f32 = float((probs_f32.argmax(1) == y_te).mean())
+    agree = float((probs_q.argmax(1) == probs_f32.argmax(1)).mean())
+    k = len(y_te)
+    print(f"  onnxruntime {os.path.basename(SOFTMAX_Q_PATH)}: held-out accuracy {acc_q:.4f} "
+          f"({round(acc_q * k)}/{k}; f32 {acc_f32:.4f}), top-1 agreement with f32 {agree:.4f}, "
+          f"max |q - f32| = {np.abs(probs_q - probs_f32).max():.3f}")
+    if acc_q < acc_f32 - 0.02:
+        sys.exit(f"Softmax-quantized model accuracy {acc_q:.4f} is not close to f32 {acc_f32:.4f}")
+    helper.set_model_props(qmodel, {
+        "heldout_accuracy": f"{acc_q:.6f}",
+        "heldout_accuracy_f32": f"{acc_f32:.6f}",
+        "dataset": "sklearn.datasets.load_digits, x/16, stratified 75/25 split, random_state=0",
+        "input_scaling": "pixel/16.0",
+        "labels": "0,1,2,3,4,5,6,7,8,9",
+        "fixture_purpose": "bad on tract 0.23 (quantized Softmax computed wrongly, no error); "
+                           "golden self-test must refuse it",
+    })
+    onnx.checker.check_model(qmodel)
+    onnx.save(qmodel, SOFTMAX_Q_PATH)
+
+    # golden cases: the first N_GOLDEN samples of digits_test.json, each its own [1,1,8,8] batch,
+    # with the outputs onnxruntime (the reference runtime) computes for this model
+    with open(TEST_JSON) as f:
+        samples = json.load(f)["samples"][:N_GOLDEN]
+    sess = ort_session(SOFTMAX_Q_PATH)
+    cases = []
+    for s in samples:
+        x = np.asarray(s["input"], dtype=np.float32).reshape(1, 1, 8, 8)
+        (y,) = sess.run(["probabilities"], {"input": x})
+        assert y.shape == (1, 10) and y.dtype == np.float32, (y.shape, y.dtype)
+        # single-image run equals the batched run on the held-out set
+        assert np.array_equal(y[0], probs_q[s["heldout_index"]]), s["heldout_index"]
+        cases.append({
+            "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                        "data": [float(v) for v in x.reshape(-1)]}],
+            "outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32",
+                         "data": [float(v) for v in y.reshape(-1)]}],
+        })
+        print(f"  golden case: heldout_index {s['heldout_index']}, label {s['label']}, onnxruntime class "
+              f"{int(y.argmax())}, probabilities {[round(float(v), 6) for v in y[0]]}")
+    with open(SOFTMAX_Q_GOLDEN, "w") as f:
+        json.dump(cases, f, indent=1)
+        f.write("\n")
+    return acc_q
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     t0 = time.time()
@@ -820,12 +928,16 @@ def main():
     make_wide(x_tr, y_tr, x_te, y_te)
     describe(WIDE_PATH)
     describe(WIDE_FC_RETRAINED_PATH)
+    # Last of all (no randomness): the deliberately bad Softmax-quantized model and its golden cases.
+    make_int8_softmax(x_tr, x_te32, y_te, probs_ort)
+    describe(SOFTMAX_Q_PATH)
 
     print("files:")
-    for path in (F32_PATH, INT8_PATH, TEST_JSON, BASELINE_NPY, FC_RETRAINED_PATH, WIDE_PATH, WIDE_FC_RETRAINED_PATH):
+    for path in (F32_PATH, INT8_PATH, TEST_JSON, BASELINE_NPY, FC_RETRAINED_PATH, WIDE_PATH, WIDE_FC_RETRAINED_PATH,
+                 SOFTMAX_Q_PATH, SOFTMAX_Q_GOLDEN):
         with open(path, "rb") as f:
             h = hashlib.sha256(f.read()).hexdigest()
-        print(f"  {os.path.basename(path):33s} {os.path.getsize(path):8d} bytes  sha256 {h}")
+        print(f"  {os.path.basename(path):39s} {os.path.getsize(path):8d} bytes  sha256 {h}")
     print(f"done in {time.time() - t0:.1f}s")
 
 

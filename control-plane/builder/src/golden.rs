@@ -2,26 +2,34 @@
 
 use std::path::Path;
 
-use flotilla_api::v2::InferRequest;
+use flotilla_api::v2::{InferRequest, InferTensor};
 use flotilla_bundle::golden::{GoldenCase, GoldenSet};
 use flotilla_bundle::manifest::{DType, ModelSignature, RuntimeSettings};
 use flotilla_runtime::{Runtimes, Tensor, TensorData};
 
 use crate::{BuildError, checked};
 
-/// Run every case through the runtime the device would use and record the outputs.
+/// Golden cases for a bundle: the inputs of `cases` with the outputs the reference CPU kernels
+/// compute now, plus `reference` cases whose expected outputs came from elsewhere (e.g.
+/// onnxruntime in the training pipeline), stored as given. Every device must reproduce them; a
+/// runtime that computes a model wrongly without an error (it happens, e.g. tract on some int8
+/// QDQ graphs) then fails its self-test. Where this machine's runtime already disagrees with a
+/// reference case, the returned warnings say so.
 pub fn compute(
     model: &[u8],
     sig: &ModelSignature,
     settings: &RuntimeSettings,
     cases: &[Vec<Tensor>],
-) -> Result<GoldenSet, BuildError> {
+    reference: &[(Vec<Tensor>, Vec<Tensor>)],
+    tolerance: f64,
+) -> Result<(GoldenSet, Vec<String>), BuildError> {
     // The reference is the runtime's own CPU kernels, never a delegate: the real TFLite library
     // when one is configured (`FLOTILLA_TFLITE_LIB`), else tract.
-    let reference = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
+    let settings = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
     let runtimes = Runtimes::with_tflite(None).unwrap_or_default();
-    let loaded = runtimes.load(model, sig, &reference)?;
+    let loaded = runtimes.load(model, sig, &settings)?;
     let mut out = GoldenSet::default();
+    let mut warnings = Vec::new();
     for case in cases {
         let inputs = checked(sig, case)?;
         let outputs = flotilla_runtime::run(loaded.as_ref(), inputs.clone())?;
@@ -30,13 +38,67 @@ pub fn compute(
             outputs: outputs.iter().map(Tensor::to_golden).collect(),
         });
     }
-    Ok(out)
+    for (i, (case, expected)) in reference.iter().enumerate() {
+        let inputs = checked(sig, case)?;
+        for want in expected {
+            if !sig.outputs.iter().any(|o| o.name == want.name) {
+                return Err(BuildError::Input(format!(
+                    "golden reference case {i}: {:?} is not an output of the model",
+                    want.name
+                )));
+            }
+        }
+        match flotilla_runtime::run(loaded.as_ref(), inputs.clone()) {
+            Ok(outputs) => {
+                for want in expected {
+                    let have = outputs.iter().find(|o| o.name == want.name);
+                    let diff = have.map(|h| max_abs_diff(&h.data.to_f64(), &want.data.to_f64()));
+                    if diff.is_none_or(|d| d > tolerance) {
+                        warnings.push(format!(
+                            "golden reference case {i}: {} on this machine gives output {:?} {} from the reference; devices running it will refuse the bundle",
+                            loaded.backend(),
+                            want.name,
+                            diff.map_or("unlike".to_string(), |d| format!("{d:.3e} away"))
+                        ));
+                    }
+                }
+            }
+            Err(e) => warnings.push(format!("golden reference case {i}: {} cannot run it here: {e}", loaded.backend())),
+        }
+        out.cases.push(GoldenCase {
+            inputs: inputs.iter().map(Tensor::to_golden).collect(),
+            outputs: expected.iter().map(Tensor::to_golden).collect(),
+        });
+    }
+    Ok((out, warnings))
 }
 
-/// Read golden inputs from a file: a v2 infer request as JSON (`{"inputs":[...]}`), a JSON array
-/// of such requests, or a `.npy` array for a single-input model (each file is one case; its
-/// leading dimension is the batch).
-pub fn read(path: &Path, sig: &ModelSignature) -> Result<Vec<Vec<Tensor>>, BuildError> {
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f64::max)
+}
+
+/// One golden case read from a file: inputs, and expected outputs when the file has them.
+pub type FileCase = (Vec<Tensor>, Option<Vec<Tensor>>);
+
+/// A case in a JSON golden file: a v2 infer request's `inputs`, optionally with the `outputs` a
+/// reference runtime produced for them (as in a v2 response).
+#[derive(serde::Deserialize)]
+struct JsonCase {
+    inputs: Vec<InferTensor>,
+    #[serde(default)]
+    outputs: Option<Vec<InferTensor>>,
+}
+
+/// Read golden cases from a file: a v2 infer request as JSON (`{"inputs":[...]}`, optionally with
+/// reference `"outputs"` in the v2 response form), a JSON array of such objects, or a `.npy`
+/// array for a single-input model (each file is one case; its leading dimension is the batch).
+pub fn read(path: &Path, sig: &ModelSignature) -> Result<Vec<FileCase>, BuildError> {
     let bytes = std::fs::read(path).map_err(|e| BuildError::Input(format!("cannot read {}: {e}", path.display())))?;
     if bytes.starts_with(crate::npy::MAGIC) {
         let [input] = sig.inputs.as_slice() else {
@@ -48,26 +110,32 @@ pub fn read(path: &Path, sig: &ModelSignature) -> Result<Vec<Vec<Tensor>>, Build
         };
         let arr = crate::npy::parse(&bytes).map_err(|e| BuildError::Input(format!("{}: {e}", path.display())))?;
         let data = TensorData::from_f64(input.dtype, &arr.data)?;
-        return Ok(vec![vec![Tensor::new(input.name.clone(), arr.shape, data)?]]);
+        return Ok(vec![(vec![Tensor::new(input.name.clone(), arr.shape, data)?], None)]);
     }
     let json: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| BuildError::Input(format!("{}: neither .npy nor JSON: {e}", path.display())))?;
-    let requests: Vec<InferRequest> =
+    let cases: Vec<JsonCase> =
         if json.is_array() { serde_json::from_value(json) } else { serde_json::from_value(json).map(|r| vec![r]) }
             .map_err(|e| {
                 BuildError::Input(format!("{}: expected a v2 infer request {{\"inputs\": [...]}}: {e}", path.display()))
             })?;
-    requests.iter().map(request_tensors).collect()
+    cases
+        .iter()
+        .map(|c| Ok((tensors(&c.inputs, "input")?, c.outputs.as_deref().map(|o| tensors(o, "output")).transpose()?)))
+        .collect()
 }
 
 /// Convert a v2 request's tensors.
 pub fn request_tensors(r: &InferRequest) -> Result<Vec<Tensor>, BuildError> {
-    r.inputs
-        .iter()
+    tensors(&r.inputs, "input")
+}
+
+fn tensors(ts: &[InferTensor], what: &str) -> Result<Vec<Tensor>, BuildError> {
+    ts.iter()
         .map(|t| {
             let dtype = DType::parse(&t.datatype)
-                .ok_or_else(|| BuildError::Input(format!("input {:?}: unknown datatype {:?}", t.name, t.datatype)))?;
-            let values = t.flat_numbers().map_err(|e| BuildError::Input(format!("input {:?}: {e}", t.name)))?;
+                .ok_or_else(|| BuildError::Input(format!("{what} {:?}: unknown datatype {:?}", t.name, t.datatype)))?;
+            let values = t.flat_numbers().map_err(|e| BuildError::Input(format!("{what} {:?}: {e}", t.name)))?;
             let data = TensorData::from_f64(dtype, &values)?;
             Ok(Tensor::new(t.name.clone(), t.shape.iter().map(|&d| d as usize).collect(), data)?)
         })

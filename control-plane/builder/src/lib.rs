@@ -35,6 +35,8 @@ pub struct BuildOptions {
     pub input_shapes: BTreeMap<String, Vec<u64>>,
     /// Golden cases: each a full set of model inputs.
     pub golden: Vec<Vec<Tensor>>,
+    /// Golden cases with expected outputs from a reference runtime, stored as given.
+    pub golden_reference: Vec<(Vec<Tensor>, Vec<Tensor>)>,
     pub golden_tolerance: f64,
     pub latency_budget_us: Option<u64>,
     /// Bake period and the watchdog's thresholds during it (see [`HealthChecks`]).
@@ -65,6 +67,7 @@ impl BuildOptions {
             model,
             input_shapes: BTreeMap::new(),
             golden: Vec::new(),
+            golden_reference: Vec::new(),
             golden_tolerance: HealthChecks::default().golden_tolerance,
             latency_budget_us: None,
             bake_secs: None,
@@ -147,6 +150,8 @@ pub fn signature(opts: &BuildOptions) -> Result<ModelSignature, BuildError> {
 pub struct Built {
     pub manifest: Manifest,
     pub bytes: Vec<u8>,
+    /// Things the operator should know (e.g. this machine's runtime disagrees with a reference).
+    pub warnings: Vec<String>,
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
@@ -166,8 +171,17 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         delta_base: opts.delta_base.clone(),
         with_full: !opts.delta_only,
     }];
-    if !opts.golden.is_empty() {
-        let set = golden::compute(&opts.model, &model_signature, &runtime, &opts.golden)?;
+    let mut warnings = Vec::new();
+    if !opts.golden.is_empty() || !opts.golden_reference.is_empty() {
+        let (set, w) = golden::compute(
+            &opts.model,
+            &model_signature,
+            &runtime,
+            &opts.golden,
+            &opts.golden_reference,
+            opts.golden_tolerance,
+        )?;
+        warnings = w;
         artifacts.push(ArtifactInput {
             name: "golden".into(),
             role: Role::Golden,
@@ -199,7 +213,7 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     };
     let mut bytes = Vec::new();
     let manifest = write_bundle(manifest, &artifacts, opts.zstd_level, &mut bytes)?;
-    Ok(Built { manifest, bytes })
+    Ok(Built { manifest, bytes, warnings })
 }
 
 /// The model content of an existing bundle (the base for `--delta-from`), checked against the

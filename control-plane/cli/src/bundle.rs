@@ -33,9 +33,11 @@ pub enum BundleCmd {
         /// Pin an input's shape, e.g. --input-shape input=1,24,24,3 (repeatable).
         #[arg(long = "input-shape", value_name = "NAME=D1,D2,..")]
         input_shapes: Vec<String>,
-        /// Golden inputs (a v2 infer request as JSON, a JSON array of them, or .npy for a
-        /// single-input model). Their outputs are computed now and checked on every device
-        /// before activation. Repeatable.
+        /// Golden cases (a v2 infer request as JSON, a JSON array of them, or .npy for a
+        /// single-input model). Outputs are computed now by the reference CPU kernels, or, when
+        /// a JSON case carries `"outputs"` (v2 response form, e.g. from onnxruntime in your
+        /// training pipeline), taken as given: then a runtime that computes the model wrongly
+        /// is caught. Every device checks them before activation. Repeatable.
         #[arg(long, value_name = "FILE")]
         golden: Vec<PathBuf>,
         /// Largest allowed difference between golden and device outputs.
@@ -188,15 +190,23 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             }
             let sig = signature(&opts)?;
             for g in &golden_files {
-                opts.golden.extend(golden::read(g, &sig)?);
+                for (inputs, expected) in golden::read(g, &sig)? {
+                    match expected {
+                        Some(outputs) => opts.golden_reference.push((inputs, outputs)),
+                        None => opts.golden.push(inputs),
+                    }
+                }
             }
             let built = build(&opts)?;
+            for w in &built.warnings {
+                eprintln!("warning: {w}");
+            }
             std::fs::write(&path, &built.bytes).with_context(|| format!("writing {}", path.display()))?;
             let m = &built.manifest;
             match out {
                 Output::Json => output::json(&serde_json::json!({
                     "bundle": path, "name": m.name, "version": m.version, "size": built.bytes.len(),
-                    "golden_cases": opts.golden.len(), "signed": false, "delta": opts.delta_base.is_some(),
+                    "golden_cases": opts.golden.len() + opts.golden_reference.len(), "warnings": built.warnings, "signed": false, "delta": opts.delta_base.is_some(),
                 })),
                 Output::Table => {
                     println!(
@@ -212,7 +222,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                     for t in &m.model.outputs {
                         println!("  output {} {} [{}]", t.name, t.dtype.as_str(), dims(&t.shape));
                     }
-                    println!("  golden cases: {}", opts.golden.len());
+                    println!("  golden cases: {}", opts.golden.len() + opts.golden_reference.len());
                     if let Some(a) = m.artifact(flotilla_bundle::manifest::Role::Model)
                         && let flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } = &a.encoding
                     {
