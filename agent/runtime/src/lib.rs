@@ -11,6 +11,7 @@ pub mod error;
 pub mod tensor;
 pub mod tflite;
 pub mod tract_onnx;
+mod tract_tensors;
 pub mod tract_tflite;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -9,7 +9,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceSimplePlan;
 
 use crate::error::RuntimeError;
-use crate::tensor::{Tensor as FTensor, TensorData};
+use crate::tensor::Tensor as FTensor;
+use crate::tract_tensors::{datum_type, from_tract, to_tract};
 use crate::{Backend, LoadedModel};
 
 pub const NAME: &str = "tract-onnx";
@@ -107,7 +108,7 @@ impl LoadedModel for TractModel {
     fn run(&self, inputs: Vec<FTensor>) -> Result<Vec<FTensor>, RuntimeError> {
         let mut slots: Vec<Option<TValue>> = vec![None; inputs.len()];
         for (t, &ix) in inputs.into_iter().zip(&self.input_order) {
-            slots[ix] = Some(to_tract(t)?.into());
+            slots[ix] = Some(to_tract(&t)?.into());
         }
         let inputs: TVec<TValue> = slots.into_iter().map(|s| s.expect("every input slot filled")).collect();
         let outputs = match &self.plan {
@@ -115,63 +116,17 @@ impl LoadedModel for TractModel {
             Plan::Unoptimized(p) => p.run(inputs),
         }
         .map_err(|e| RuntimeError::Run { backend: NAME, detail: format!("{e:#}") })?;
-        outputs.iter().zip(&self.output_names).map(|(t, name)| from_tract(name, t)).collect()
+        outputs
+            .iter()
+            .zip(&self.output_names)
+            .map(|(t, name)| {
+                from_tract(name, t, |e| RuntimeError::Run {
+                    backend: NAME,
+                    detail: format!("reading output {name:?}: {e:#}"),
+                })
+            })
+            .collect()
     }
-}
-
-fn datum_type(d: DType) -> Result<DatumType, RuntimeError> {
-    Ok(match d {
-        DType::F32 => f32::datum_type(),
-        DType::F64 => f64::datum_type(),
-        DType::F16 => return Err(RuntimeError::Unsupported("FP16 inputs".into())),
-        DType::I8 => i8::datum_type(),
-        DType::U8 => u8::datum_type(),
-        DType::I16 => i16::datum_type(),
-        DType::I32 => i32::datum_type(),
-        DType::I64 => i64::datum_type(),
-        DType::Bool => bool::datum_type(),
-    })
-}
-
-fn to_tract(t: FTensor) -> Result<Tensor, RuntimeError> {
-    let s = &t.shape;
-    let r = match &t.data {
-        TensorData::F32(v) => Tensor::from_shape(s, v),
-        TensorData::F64(v) => Tensor::from_shape(s, v),
-        TensorData::I64(v) => Tensor::from_shape(s, v),
-        TensorData::I32(v) => Tensor::from_shape(s, v),
-        TensorData::I16(v) => Tensor::from_shape(s, v),
-        TensorData::I8(v) => Tensor::from_shape(s, v),
-        TensorData::U8(v) => Tensor::from_shape(s, v),
-        TensorData::Bool(v) => Tensor::from_shape(s, v),
-    };
-    r.map_err(|e| RuntimeError::BadInput(format!("input {:?}: {e}", t.name)))
-}
-
-fn from_tract(name: &str, t: &Tensor) -> Result<FTensor, RuntimeError> {
-    let fail = |e: TractError| RuntimeError::Run { backend: NAME, detail: format!("reading output {name:?}: {e:#}") };
-    let view = t.try_as_plain_ram().map_err(fail)?;
-    let dt = t.datum_type();
-    let data = if dt == f32::datum_type() {
-        TensorData::F32(view.as_slice::<f32>().map_err(fail)?.to_vec())
-    } else if dt == f64::datum_type() {
-        TensorData::F64(view.as_slice::<f64>().map_err(fail)?.to_vec())
-    } else if dt == i64::datum_type() {
-        TensorData::I64(view.as_slice::<i64>().map_err(fail)?.to_vec())
-    } else if dt == i32::datum_type() {
-        TensorData::I32(view.as_slice::<i32>().map_err(fail)?.to_vec())
-    } else if dt == i16::datum_type() {
-        TensorData::I16(view.as_slice::<i16>().map_err(fail)?.to_vec())
-    } else if dt == i8::datum_type() {
-        TensorData::I8(view.as_slice::<i8>().map_err(fail)?.to_vec())
-    } else if dt == u8::datum_type() {
-        TensorData::U8(view.as_slice::<u8>().map_err(fail)?.to_vec())
-    } else if dt == bool::datum_type() {
-        TensorData::Bool(view.as_slice::<bool>().map_err(fail)?.to_vec())
-    } else {
-        return Err(RuntimeError::Unsupported(format!("output {name:?} has datum type {dt:?}")));
-    };
-    FTensor::new(name, t.shape().to_vec(), data)
 }
 
 /// Read an ONNX model's declared inputs and outputs (names, dtypes, shapes with `dim_param`s

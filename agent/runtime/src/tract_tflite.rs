@@ -17,7 +17,7 @@ use tract_tflite::internal::*;
 use tract_tflite::tflite::{TensorType, root_as_model};
 
 use crate::error::RuntimeError;
-use crate::tensor::{Tensor as FTensor, TensorData};
+use crate::tensor::Tensor as FTensor;
 use crate::{Backend, LoadedModel};
 
 pub const NAME: &str = "tract-tflite";
@@ -71,7 +71,7 @@ impl Backend for TractTflite {
                 detail: format!("manifest input {:?} is not an input of the model ({input_names:?})", spec.name),
             })?;
             let fact = m.input_fact(ix).map_err(|e| unsupported("reading an input", e))?.clone();
-            if fact.datum_type.unquantized() != datum_type(spec.dtype)? {
+            if fact.datum_type.unquantized() != crate::tract_tensors::datum_type(spec.dtype)? {
                 return Err(RuntimeError::Load {
                     backend: NAME,
                     detail: format!(
@@ -134,7 +134,16 @@ impl LoadedModel for TractTfliteModel {
         }
         let inputs: TVec<TValue> = slots.into_iter().map(|s| s.expect("every input slot filled")).collect();
         let outputs = self.plan.run(inputs).map_err(|e| RuntimeError::Run { backend: NAME, detail: brief(&e) })?;
-        outputs.iter().zip(&self.output_names).map(|(t, name)| from_tract(name, t)).collect()
+        outputs
+            .iter()
+            .zip(&self.output_names)
+            .map(|(t, name)| {
+                crate::tract_tensors::from_tract(name, t, |e| RuntimeError::Run {
+                    backend: NAME,
+                    detail: format!("reading output {name:?}: {}", brief(&e)),
+                })
+            })
+            .collect()
     }
 }
 
@@ -167,34 +176,9 @@ fn brief(e: &TractError) -> String {
     text
 }
 
-fn datum_type(d: DType) -> Result<DatumType, RuntimeError> {
-    Ok(match d {
-        DType::F32 => f32::datum_type(),
-        DType::F64 => f64::datum_type(),
-        DType::F16 => return Err(RuntimeError::Unsupported("FP16 inputs".into())),
-        DType::I8 => i8::datum_type(),
-        DType::U8 => u8::datum_type(),
-        DType::I16 => i16::datum_type(),
-        DType::I32 => i32::datum_type(),
-        DType::I64 => i64::datum_type(),
-        DType::Bool => bool::datum_type(),
-    })
-}
-
 /// Build the tract tensor; quantized model inputs get the model's scale and zero point.
 fn to_tract(t: FTensor, model_dt: DatumType) -> Result<Tensor, RuntimeError> {
-    let s = &t.shape;
-    let r = match &t.data {
-        TensorData::F32(v) => Tensor::from_shape(s, v),
-        TensorData::F64(v) => Tensor::from_shape(s, v),
-        TensorData::I64(v) => Tensor::from_shape(s, v),
-        TensorData::I32(v) => Tensor::from_shape(s, v),
-        TensorData::I16(v) => Tensor::from_shape(s, v),
-        TensorData::I8(v) => Tensor::from_shape(s, v),
-        TensorData::U8(v) => Tensor::from_shape(s, v),
-        TensorData::Bool(v) => Tensor::from_shape(s, v),
-    };
-    let mut tensor = r.map_err(|e| RuntimeError::BadInput(format!("input {:?}: {e}", t.name)))?;
+    let mut tensor = crate::tract_tensors::to_tract(&t)?;
     if model_dt.is_quantized() && model_dt.unquantized() == tensor.datum_type() {
         // Relabelling only: the raw integers are already in the model's quantized encoding.
         #[allow(unsafe_code)] // same element width and bytes; tract has no safe relabel
@@ -203,34 +187,6 @@ fn to_tract(t: FTensor, model_dt: DatumType) -> Result<Tensor, RuntimeError> {
         };
     }
     Ok(tensor)
-}
-
-fn from_tract(name: &str, t: &Tensor) -> Result<FTensor, RuntimeError> {
-    let fail =
-        |e: TractError| RuntimeError::Run { backend: NAME, detail: format!("reading output {name:?}: {}", brief(&e)) };
-    let view = t.try_as_plain_ram().map_err(fail)?;
-    // Quantized outputs come back as their raw integers, as the tflite backend returns them.
-    let dt = t.datum_type().unquantized();
-    let data = if dt == f32::datum_type() {
-        TensorData::F32(view.as_slice::<f32>().map_err(fail)?.to_vec())
-    } else if dt == f64::datum_type() {
-        TensorData::F64(view.as_slice::<f64>().map_err(fail)?.to_vec())
-    } else if dt == i64::datum_type() {
-        TensorData::I64(view.as_slice::<i64>().map_err(fail)?.to_vec())
-    } else if dt == i32::datum_type() {
-        TensorData::I32(view.as_slice::<i32>().map_err(fail)?.to_vec())
-    } else if dt == i16::datum_type() {
-        TensorData::I16(view.as_slice::<i16>().map_err(fail)?.to_vec())
-    } else if dt == i8::datum_type() {
-        TensorData::I8(view.as_slice::<i8>().map_err(fail)?.to_vec())
-    } else if dt == u8::datum_type() {
-        TensorData::U8(view.as_slice::<u8>().map_err(fail)?.to_vec())
-    } else if dt == bool::datum_type() {
-        TensorData::Bool(view.as_slice::<bool>().map_err(fail)?.to_vec())
-    } else {
-        return Err(RuntimeError::Unsupported(format!("output {name:?} has datum type {dt:?}")));
-    };
-    FTensor::new(name, t.shape().to_vec(), data)
 }
 
 /// Read a TFLite model's inputs and outputs from its main subgraph: tensor names, element types,
