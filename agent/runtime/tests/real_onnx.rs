@@ -8,14 +8,16 @@
 //! state output from the step before, so errors accumulate as they would on a device. The Silero
 //! VADs only run on tract's inference-mode runner (see below).
 
+mod common;
+use common::RefTensor;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use flotilla_bundle::manifest::{DType, Dim, ModelSignature, TensorSpec};
 use flotilla_runtime::tract_onnx::inspect_onnx;
-use flotilla_runtime::{LoadedModel, RuntimeError, Runtimes, Tensor, TensorData, check_inputs};
+use flotilla_runtime::{LoadedModel, RuntimeError, Runtimes, Tensor, check_inputs};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -56,32 +58,10 @@ struct Case {
     outputs: Vec<RefTensor>,
 }
 
-#[derive(serde::Deserialize)]
-struct RefTensor {
-    name: String,
-    dtype: DType,
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl RefTensor {
-    fn tensor(&self) -> Tensor {
-        Tensor::new(&self.name, self.shape.clone(), TensorData::from_f64(self.dtype, &self.data).unwrap()).unwrap()
-    }
-}
-
 /// The assets directory, fetched once per test binary when missing.
 fn assets() -> &'static Path {
     static ASSETS: OnceLock<PathBuf> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = crate_dir.join("../../target/test-assets/onnx");
-        if !dir.join("models/reference.json").exists() {
-            let status = Command::new("bash").arg(crate_dir.join("assets/fetch-onnx.sh")).arg(&dir).status().unwrap();
-            assert!(status.success(), "assets/fetch-onnx.sh failed ({status})");
-        }
-        dir
-    })
+    ASSETS.get_or_init(|| common::fetch_assets("onnx", "fetch-onnx.sh"))
 }
 
 fn reference() -> &'static Reference {

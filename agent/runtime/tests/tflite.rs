@@ -4,11 +4,14 @@
 //! The models, the TFLite C library and `reference.json` are fetched on first use by
 //! `assets/fetch.sh` into `target/test-assets/tflite` (git-ignored); see that script.
 
+mod common;
+use common::RefTensor;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use flotilla_bundle::manifest::{DType, ModelSignature, RuntimeSettings};
+use flotilla_bundle::manifest::{ModelSignature, RuntimeSettings};
 use flotilla_runtime::tflite::{ExternalDelegate, TfliteBackend, TfliteLib};
 use flotilla_runtime::tract_tflite::inspect_tflite;
 use flotilla_runtime::{Backend, LoadedModel, RuntimeError, Runtimes, Tensor, TensorData, check_inputs};
@@ -34,32 +37,10 @@ struct Case {
     outputs: Vec<RefTensor>,
 }
 
-#[derive(serde::Deserialize)]
-struct RefTensor {
-    name: String,
-    dtype: DType,
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl RefTensor {
-    fn tensor(&self) -> Tensor {
-        Tensor::new(&self.name, self.shape.clone(), TensorData::from_f64(self.dtype, &self.data).unwrap()).unwrap()
-    }
-}
-
 /// The assets directory, fetched once per test binary when missing.
 fn assets() -> &'static Path {
     static ASSETS: OnceLock<PathBuf> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = crate_dir.join("../../target/test-assets/tflite");
-        if !dir.join("models/reference.json").exists() {
-            let status = Command::new("bash").arg(crate_dir.join("assets/fetch.sh")).arg(&dir).status().unwrap();
-            assert!(status.success(), "assets/fetch.sh failed ({status})");
-        }
-        dir
-    })
+    ASSETS.get_or_init(|| common::fetch_assets("tflite", "fetch.sh"))
 }
 
 fn library_path() -> PathBuf {
