@@ -76,6 +76,12 @@ impl Proxy {
         self.inner.cut_at.store(now + n, Ordering::Relaxed);
     }
 
+    /// Close every open connection now (new ones still connect to the target).
+    pub fn cut_now(&self) {
+        self.inner.cuts.fetch_add(1, Ordering::Relaxed);
+        self.inner.cut.notify_waiters();
+    }
+
     /// Downstream bytes that reached clients.
     pub fn downstream(&self) -> u64 {
         self.inner.downstream.load(Ordering::Relaxed)

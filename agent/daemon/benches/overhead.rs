@@ -1,6 +1,9 @@
 //! What the agent adds to an inference: the same model and input run (a) directly on the
 //! backend in-process, (b) through the agent's model path (input checks against the manifest,
 //! watchdog bookkeeping), and (c) through the local v2 HTTP API on loopback (JSON both ways).
+//! Then (d): what drift costs per inference, the sketches of the digits baseline profile fed
+//! from one inference's input and output, against the backend's own inference time (the goal
+//! is at most 2 %).
 //! Prints medians over many runs, single-threaded backend; asserts nothing.
 //!   cargo bench -p flotilla-agent --bench overhead
 
@@ -44,6 +47,7 @@ fn main() {
         "{:<16} {:>12} {:>12} {:>10} {:>12} {:>12}",
         "model", "backend", "agent path", "overhead", "HTTP API", "HTTP extra"
     );
+    let mut backend_times = Vec::new();
     for (label, bytes) in MODELS {
         let sig = flotilla_runtime::tract_onnx::inspect_onnx(bytes).unwrap();
         let sig = ModelSignature { format: ModelFormat::Onnx, ..sig };
@@ -115,5 +119,45 @@ fn main() {
             c.as_secs_f64() * 1e6,
             (c.as_secs_f64() - b.as_secs_f64()) * 1e6
         );
+        backend_times.push((label, a, sig));
+    }
+
+    // (d) Drift: one inference's worth of sketch updates, timed 100 at a time.
+    println!();
+    println!("{:<16} {:>10} {:>14} {:>12}", "model", "signals", "drift update", "of backend");
+    for (label, backend, sig) in backend_times {
+        let bytes = MODELS.iter().find(|(l, _)| *l == label).unwrap().1;
+        let reference = flotilla_builder::baseline::Reference {
+            batches: vec![vec![
+                Tensor::new(
+                    "input",
+                    vec![16, 1, 8, 8],
+                    TensorData::F32((0..1024).map(|i| (i % 17) as f32 / 16.0).collect()),
+                )
+                .unwrap(),
+            ]],
+            labels: None,
+        };
+        let opts = flotilla_builder::baseline::DriftOptions {
+            config: flotilla_drift::DriftConfig { window: flotilla_drift::Window::Seconds(3600), ..Default::default() },
+            ..Default::default()
+        };
+        let profile = flotilla_builder::baseline::profile(bytes, &sig, &Default::default(), &reference, &opts).unwrap();
+        let signals = profile.signals.len();
+        let drift =
+            flotilla_agent::drift::ModelDrift::from_profile_json("m", 1, &serde_json::to_vec(&profile).unwrap(), 0)
+                .unwrap();
+        let runtimes = Runtimes::default();
+        let loaded = runtimes.load(bytes, &sig, &Default::default()).unwrap();
+        let inputs = vec![tensor()];
+        let outputs = loaded.run(inputs.clone()).unwrap();
+        let per100 = time(RUNS / 10, || {
+            for _ in 0..100 {
+                let p = drift.read_inputs(std::hint::black_box(&inputs));
+                drift.record(p, std::hint::black_box(&outputs), None, 1);
+            }
+        });
+        let each = per100.as_secs_f64() / 100.0;
+        println!("{label:<16} {signals:>10} {:>12.0}ns {:>11.2}%", each * 1e9, each / backend.as_secs_f64() * 100.0);
     }
 }

@@ -8,7 +8,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_api::v2::{ErrorResponse, InferRequest, InferResponse, InferTensor, ModelMetadata, TensorMetadata};
+use flotilla_api::v2::{
+    ErrorResponse, FeedbackBody, FeedbackResponse, InferRequest, InferResponse, InferTensor, ModelMetadata,
+    TensorMetadata,
+};
 use flotilla_bundle::manifest::{DType, Dim, TensorSpec};
 use flotilla_runtime::{RuntimeError, Tensor, TensorData};
 
@@ -28,6 +31,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/feedback", post(feedback))
         .route("/v2/models/{name}/versions/{version}", get(model_metadata_version))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
         .route("/metrics", get(metrics))
@@ -132,9 +136,12 @@ async fn run(
     let Json(req) =
         body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid request body: {}", e.body_text())))?;
     let inputs = req.inputs.iter().map(to_tensor).collect::<Result<Vec<_>, _>>()?;
+    // Every response carries an id, so a caller can send feedback on it later.
+    let id = req.id.clone().unwrap_or_else(crate::new_id);
     let m2 = m.clone();
     let t0 = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || m2.infer(inputs))
+    let id2 = id.clone();
+    let result = tokio::task::spawn_blocking(move || m2.infer_request(inputs, Some(&id2)))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     // The caller's bad input is not the model's failure.
@@ -148,9 +155,67 @@ async fn run(
     Ok(Json(InferResponse {
         model_name: m.name.clone(),
         model_version: m.version.to_string(),
-        id: req.id,
+        id: Some(id),
         outputs: outputs.iter().map(from_tensor).collect(),
     }))
+}
+
+async fn feedback(
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+    body: Result<Json<FeedbackBody>, JsonRejection>,
+) -> Result<Json<FeedbackResponse>, ApiError> {
+    let m = ctx.registry.get(&name).ok_or_else(|| not_found(&name))?;
+    let Json(body) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid feedback: {} (expected {{\"id\": \"...\", \"label\": 3}} or a list of them)",
+                e.body_text()
+            ),
+        )
+    })?;
+    let Some(drift) = &m.drift else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("model {name:?} version {} has no drift baseline, so feedback has nowhere to go", m.version),
+        ));
+    };
+    let items = match body {
+        FeedbackBody::One(f) => vec![f],
+        FeedbackBody::Many(v) => v,
+    };
+    let mut out = FeedbackResponse::default();
+    for f in items {
+        let labels = match (f.label, f.labels) {
+            (Some(l), None) => vec![l],
+            (None, Some(ls)) => ls,
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("feedback for {:?}: give either `label` or `labels`", f.id),
+                ));
+            }
+        };
+        match drift.feedback(&f.id, &labels) {
+            Some(o) => {
+                out.matched += o.matched;
+                out.correct += o.correct;
+            }
+            None => out.unknown.push(f.id),
+        }
+    }
+    if out.matched == 0 && !out.unknown.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no recent prediction of {name:?} has the id(s) {:?} (the agent keeps the last {})",
+                out.unknown,
+                crate::drift::RECENT
+            ),
+        ));
+    }
+    Ok(Json(out))
 }
 
 fn to_tensor(t: &InferTensor) -> Result<Tensor, ApiError> {

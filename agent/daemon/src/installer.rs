@@ -216,13 +216,11 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     })
     .or_else(|e| fail(Activating, e))?;
     let backend = model.backend().to_string();
-    ctx.registry.insert(ActiveModel::new(
-        m.name.clone(),
-        m.version,
-        verified.manifest.clone(),
-        verified.manifest_sha256.clone(),
-        model,
-    ));
+    let drift = crate::load_drift(ctx, &m.name, m.version, &verified.manifest);
+    ctx.registry.insert(
+        ActiveModel::new(m.name.clone(), m.version, verified.manifest.clone(), verified.manifest_sha256.clone(), model)
+            .with_drift(drift),
+    );
     let _ = std::fs::remove_file(&part);
     tracing::info!(name = %m.name, version = m.version, median_us = report.median_us, golden_cases = report.cases, "model active");
     Ok((backend, report.elapsed_ms))

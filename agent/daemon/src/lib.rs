@@ -7,6 +7,7 @@
 pub mod api;
 pub mod blobs;
 pub mod config;
+pub mod drift;
 pub mod fetch;
 pub mod installer;
 pub mod metrics;
@@ -253,6 +254,7 @@ impl Agent {
         tasks.push(tokio::spawn(session::run(ctx.clone(), eventloop, cancel.clone())));
         tasks.push(tokio::spawn(outbox::drain(ctx.clone(), cancel.clone())));
         tasks.push(tokio::spawn(watchdog::run(ctx.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(drift::run(ctx.clone(), cancel.clone())));
         Ok(Agent { ctx, cancel, tasks, api_addr })
     }
 
@@ -266,6 +268,8 @@ impl Agent {
 
     /// Say goodbye (retained offline state), disconnect, and stop every task.
     pub async fn shutdown(self) {
+        // Open drift windows go to the outbox: sent on the next start if not before.
+        drift::flush_all(&self.ctx);
         let offline = flotilla_proto::State { online: false, models: Some(self.ctx.model_states()) };
         self.ctx.publish(Channel::State, offline, true).await;
         let _ = self.ctx.mqtt.disconnect().await;
@@ -413,7 +417,31 @@ pub(crate) fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<Acti
         inst.golden_blob.as_ref().map(|g| ctx.blobs.read(g).and_then(|b| Ok(GoldenSet::decode(&b)?))).transpose()?;
     let (model, _) =
         load_and_test(&ctx.runtimes, &verified.manifest, &bytes, golden.as_ref()).map_err(anyhow::Error::msg)?;
-    Ok(ActiveModel::new(inst.name.clone(), inst.version, verified.manifest, verified.manifest_sha256, model))
+    let drift = load_drift(ctx, &inst.name, inst.version, &verified.manifest);
+    Ok(ActiveModel::new(inst.name.clone(), inst.version, verified.manifest, verified.manifest_sha256, model)
+        .with_drift(drift))
+}
+
+/// The drift profile of a bundle, when it has one. A profile this agent cannot use costs the
+/// drift reports of that model, never the model itself.
+pub(crate) fn load_drift(
+    ctx: &Ctx,
+    name: &str,
+    version: u64,
+    manifest: &flotilla_bundle::manifest::Manifest,
+) -> Option<drift::ModelDrift> {
+    let a = manifest.artifact(flotilla_bundle::manifest::Role::Baseline)?;
+    let loaded = ctx
+        .blobs
+        .read(&a.sha256)
+        .and_then(|bytes| drift::ModelDrift::from_profile_json(name, version, &bytes, unix_now_ms()));
+    match loaded {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(name, version, error = %format!("{e:#}"), "drift baseline unusable: no drift reports for this model");
+            None
+        }
+    }
 }
 
 pub fn unix_now() -> u64 {

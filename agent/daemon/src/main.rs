@@ -98,8 +98,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut tags: BTreeMap<String, String> = file.tags;
     for t in args.tags {
-        let (k, v) = t.split_once('=').with_context(|| format!("--tag {t:?}: expected KEY=VALUE"))?;
-        tags.insert(k.into(), v.into());
+        let (k, v) = flotilla_proto::tags::parse_tag(&t).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
+        tags.insert(k, v);
     }
     cfg.tags = tags;
     let agent = Agent::start(cfg).await?;

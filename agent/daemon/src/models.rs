@@ -8,6 +8,8 @@ use flotilla_bundle::golden::GoldenSet;
 use flotilla_bundle::manifest::{HealthChecks, Manifest};
 use flotilla_runtime::{LoadedModel, Runtimes, Tensor, check_inputs};
 
+use crate::drift::ModelDrift;
+
 /// A verified, self-tested model that serves requests.
 pub struct ActiveModel {
     pub name: String,
@@ -19,6 +21,8 @@ pub struct ActiveModel {
     pub watch: Mutex<Watch>,
     /// When this process started serving it.
     pub since: Instant,
+    /// Drift sketches, when the bundle carries a baseline profile.
+    pub drift: Option<ModelDrift>,
 }
 
 impl ActiveModel {
@@ -29,7 +33,21 @@ impl ActiveModel {
         manifest_sha256: String,
         model: Box<dyn LoadedModel>,
     ) -> Self {
-        ActiveModel { name, version, manifest, manifest_sha256, model, watch: Mutex::default(), since: Instant::now() }
+        ActiveModel {
+            name,
+            version,
+            manifest,
+            manifest_sha256,
+            model,
+            watch: Mutex::default(),
+            since: Instant::now(),
+            drift: None,
+        }
+    }
+
+    pub fn with_drift(mut self, drift: Option<ModelDrift>) -> Self {
+        self.drift = drift;
+        self
     }
 
     pub fn backend(&self) -> &str {
@@ -39,10 +57,24 @@ impl ActiveModel {
     /// Check the request against the manifest and run it (blocking: call off the async runtime).
     /// A caller's bad input is its own error; every run is counted for the watchdog.
     pub fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, flotilla_runtime::RuntimeError> {
+        self.infer_request(inputs, None)
+    }
+
+    /// [`ActiveModel::infer`] for a request with an id: its predictions are kept for feedback.
+    /// A successful run also feeds the drift sketches.
+    pub fn infer_request(
+        &self,
+        inputs: Vec<Tensor>,
+        request_id: Option<&str>,
+    ) -> Result<Vec<Tensor>, flotilla_runtime::RuntimeError> {
         let inputs = check_inputs(&self.manifest.model.inputs, inputs)?;
+        let pending = self.drift.as_ref().map(|d| d.read_inputs(&inputs));
         let t0 = Instant::now();
         let out = flotilla_runtime::run(self.model.as_ref(), inputs);
         self.watch.lock().expect("watch lock").record(out.is_ok(), t0.elapsed().as_micros() as u64);
+        if let (Some(d), Some(p), Ok(outputs)) = (&self.drift, pending, &out) {
+            d.record(p, outputs, request_id, crate::unix_now_ms());
+        }
         out
     }
 }

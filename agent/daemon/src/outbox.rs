@@ -1,4 +1,4 @@
-//! Store-and-forward telemetry: events (and later metrics) go to an outbox table in SQLite
+//! Store-and-forward telemetry: events and metrics (drift reports) go to an outbox table in SQLite
 //! first, and leave it only when the broker acknowledged them (QoS 1 PubAck). They survive
 //! restarts and offline periods, drain in order, and keep their original timestamps (the
 //! message is encoded when it is queued). The outbox is bounded by payload bytes: beyond it the
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{Channel, Event};
+use flotilla_proto::{Channel, Event, Telemetry};
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
@@ -56,12 +56,23 @@ impl Acks {
 
 /// Queue an event for the control plane.
 pub fn push_event(ctx: &Ctx, ev: Event) {
-    let payload = flotilla_proto::encode(&flotilla_proto::Msg::new(crate::new_id(), crate::unix_now_ms(), ev));
+    push(ctx, Channel::Events, ev)
+}
+
+/// Queue telemetry (drift reports) for the control plane.
+pub fn push_telemetry(ctx: &Ctx, t: Telemetry) {
+    push(ctx, Channel::Metrics, t)
+}
+
+fn push<T: serde::Serialize>(ctx: &Ctx, ch: Channel, body: T) {
+    let payload = flotilla_proto::encode(&flotilla_proto::Msg::new(crate::new_id(), crate::unix_now_ms(), body));
     let max = ctx.cfg.outbox_max_bytes;
-    match ctx.with_state(|s| s.outbox_push(Channel::Events.as_str(), &payload, max)) {
+    match ctx.with_state(|s| s.outbox_push(ch.as_str(), &payload, max)) {
         Ok(0) => {}
         Ok(n) => tracing::warn!(dropped = n, "outbox full: dropped the oldest messages"),
-        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot queue an event; it is lost"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), channel = ch.as_str(), "cannot queue a message; it is lost")
+        }
     }
     ctx.outbox_wake.notify_one();
 }

@@ -116,6 +116,7 @@ fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {
                         }
                     });
                 }
+                Command::UploadSamples(req) => crate::drift::upload_samples(ctx, &req),
                 Command::TrustRoots(t) => {
                     let ctx = ctx.clone();
                     tokio::spawn(async move {

@@ -262,14 +262,24 @@ impl State {
 
     /// Every blob the active and previous versions of all models need.
     pub fn referenced_blobs(&self) -> anyhow::Result<std::collections::HashSet<String>> {
-        let mut st =
-            self.conn.prepare("SELECT model_blob, golden_blob, prev_model_blob, prev_golden_blob FROM models")?;
+        let mut st = self.conn.prepare(
+            "SELECT model_blob, golden_blob, prev_model_blob, prev_golden_blob, head, prev_head FROM models",
+        )?;
         let mut keep = std::collections::HashSet::new();
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             for i in 0..4 {
                 if let Some(b) = r.get::<_, Option<String>>(i)? {
                     keep.insert(b);
+                }
+            }
+            // Every other artifact of both versions too (e.g. the drift baseline).
+            for i in 4..6 {
+                if let Some(head) = r.get::<_, Option<Vec<u8>>>(i)?
+                    && let Ok((doc, _)) = flotilla_bundle::format::parse_envelope(&head)
+                    && let Ok(m) = flotilla_bundle::verify::decode_manifest(&doc.signed)
+                {
+                    keep.extend(m.artifacts.iter().map(|a| a.sha256.clone()));
                 }
             }
         }

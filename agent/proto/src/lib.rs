@@ -5,6 +5,7 @@
 //! pass ids and times in.
 
 pub mod messages;
+pub mod tags;
 pub mod topics;
 
 pub use messages::*;

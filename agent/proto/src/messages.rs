@@ -139,6 +139,17 @@ pub enum Command {
     /// Newer trust roots: each must follow the one before it (N → N+1 → ...). Devices skip
     /// versions they already hold.
     TrustRoots(TrustRoots),
+    /// Send the reservoir sample of a model (only kept when its bundle's drift policy allows).
+    UploadSamples(SampleRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleRequest {
+    pub upload_id: String,
+    pub model: String,
+    /// Only if this version is the active one (None: whichever is).
+    #[serde(default)]
+    pub version: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -193,6 +204,76 @@ pub struct Chunk {
     pub error: Option<String>,
 }
 
+/// Device → control plane on the metrics channel, through the device's outbox (so a report
+/// made offline arrives later with its own window times).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Telemetry {
+    Drift(DriftReport),
+    /// Part of a reservoir sample, sent on request.
+    Samples(SampleBatch),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleBatch {
+    pub upload_id: String,
+    pub model: String,
+    pub version: u64,
+    /// Parts count from 0; `last` marks the final one (an empty reservoir sends one empty part).
+    pub part: u32,
+    pub last: bool,
+    pub samples: Vec<Sample>,
+}
+
+/// One inference kept for retraining: its inputs, what the model answered, and the true label
+/// if feedback gave one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// The request id (feedback names it).
+    pub id: String,
+    /// Milliseconds since the epoch, by the device's clock.
+    pub ts: u64,
+    pub inputs: Vec<SampleTensor>,
+    /// Predicted class per sample of the request.
+    #[serde(default)]
+    pub predicted: Vec<u32>,
+    /// True class per sample, when feedback arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<u32>>,
+}
+
+/// A tensor as raw little-endian bytes of its Open Inference Protocol datatype.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleTensor {
+    pub name: String,
+    /// `FP32`, `INT64`, ...
+    pub datatype: String,
+    pub shape: Vec<u64>,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// One window of drift sketches for one model version on one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    pub model: String,
+    pub version: u64,
+    /// Milliseconds since the epoch, by the device's clock. Time windows end on multiples of
+    /// their length.
+    pub window_start: u64,
+    pub window_end: u64,
+    /// Inference calls in the window.
+    pub inferences: u64,
+    pub signals: Vec<SignalSketch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalSketch {
+    /// The signal's name in the bundle's drift profile.
+    pub name: String,
+    pub sketch: flotilla_drift::Sketch,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +319,55 @@ mod tests {
         // Data travels as a CBOR byte string, not an array of integers.
         assert!(bytes.len() < 400, "{}", bytes.len());
         assert_eq!(decode::<Chunk>(&bytes).unwrap(), chunk);
+    }
+
+    #[test]
+    fn drift_reports_and_samples_round_trip() {
+        let mut sketch = flotilla_drift::Sketch::baseline(flotilla_drift::Kind::Continuous, &[0.0, 0.5, 1.0], 4, 0)
+            .unwrap()
+            .empty_like();
+        sketch.add(0.25);
+        let empty = sketch.empty_like(); // infinities in min/max survive CBOR
+        let report = Msg::new(
+            "d1",
+            7,
+            Telemetry::Drift(DriftReport {
+                model: "digits".into(),
+                version: 2,
+                window_start: 1000,
+                window_end: 2000,
+                inferences: 1,
+                signals: vec![
+                    SignalSketch { name: "input.c0".into(), sketch },
+                    SignalSketch { name: "x".into(), sketch: empty },
+                ],
+            }),
+        );
+        assert_eq!(decode::<Telemetry>(&encode(&report)).unwrap(), report);
+        let batch = Msg::new(
+            "s1",
+            8,
+            Telemetry::Samples(SampleBatch {
+                upload_id: "u".into(),
+                model: "digits".into(),
+                version: 2,
+                part: 0,
+                last: true,
+                samples: vec![Sample {
+                    id: "r".into(),
+                    ts: 9,
+                    inputs: vec![SampleTensor {
+                        name: "input".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![1, 2],
+                        data: vec![0; 8],
+                    }],
+                    predicted: vec![3],
+                    labels: Some(vec![3]),
+                }],
+            }),
+        );
+        assert_eq!(decode::<Telemetry>(&encode(&batch)).unwrap(), batch);
     }
 
     #[test]

@@ -84,7 +84,64 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             )),
         ),
         ("event-root", encode(&Msg::new("8", 8, Event::TrustRootAccepted { version: 2 }))),
+        (
+            "cmd-samples",
+            encode(&Msg::new(
+                "9",
+                9,
+                Command::UploadSamples(SampleRequest {
+                    upload_id: "u-1".into(),
+                    model: "digits".into(),
+                    version: Some(3),
+                }),
+            )),
+        ),
+        ("telemetry-drift", encode(&Msg::new("10", 10, Telemetry::Drift(drift_report())))),
+        (
+            "telemetry-samples",
+            encode(&Msg::new(
+                "11",
+                11,
+                Telemetry::Samples(SampleBatch {
+                    upload_id: "u-1".into(),
+                    model: "digits".into(),
+                    version: 3,
+                    part: 0,
+                    last: true,
+                    samples: vec![Sample {
+                        id: "r".into(),
+                        ts: 11,
+                        inputs: vec![SampleTensor {
+                            name: "input".into(),
+                            datatype: "FP32".into(),
+                            shape: vec![1, 2],
+                            data: vec![0; 8],
+                        }],
+                        predicted: vec![7],
+                        labels: Some(vec![1]),
+                    }],
+                }),
+            )),
+        ),
     ]
+}
+
+fn drift_report() -> DriftReport {
+    let values = [0.0, 0.1, 0.2, 0.5, 0.9, 1.0];
+    let mut pixel = flotilla_drift::Sketch::baseline(flotilla_drift::Kind::Continuous, &values, 4, 0).unwrap();
+    pixel.add(2.0);
+    let class = flotilla_drift::Sketch::baseline(flotilla_drift::Kind::Categorical, &[1.0, 3.0], 0, 10).unwrap();
+    DriftReport {
+        model: "digits".into(),
+        version: 3,
+        window_start: 1_700_000_000_000,
+        window_end: 1_700_000_060_000,
+        inferences: 6,
+        signals: vec![
+            SignalSketch { name: "input.c0".into(), sketch: pixel },
+            SignalSketch { name: "class".into(), sketch: class },
+        ],
+    }
 }
 
 #[test]
@@ -109,7 +166,8 @@ fn seeds_are_committed_and_decode() {
             || decode::<FetchRequest>(&bytes).is_ok()
             || decode::<Hello>(&bytes).is_ok()
             || decode::<State>(&bytes).is_ok()
-            || decode::<Event>(&bytes).is_ok();
+            || decode::<Event>(&bytes).is_ok()
+            || decode::<Telemetry>(&bytes).is_ok();
         assert!(ok, "{name} decodes as one of the message types");
     }
 }

@@ -132,6 +132,22 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// A borrowed view for the drift sketches.
+    pub fn drift_view(&self) -> flotilla_drift::TensorView<'_> {
+        use flotilla_drift::Values;
+        let values = match &self.data {
+            TensorData::F32(v) => Values::F32(v),
+            TensorData::F64(v) => Values::F64(v),
+            TensorData::I64(v) => Values::I64(v),
+            TensorData::I32(v) => Values::I32(v),
+            TensorData::I16(v) => Values::I16(v),
+            TensorData::I8(v) => Values::I8(v),
+            TensorData::U8(v) => Values::U8(v),
+            TensorData::Bool(v) => Values::Bool(v),
+        };
+        flotilla_drift::TensorView { name: &self.name, shape: &self.shape, values }
+    }
+
     pub fn new(name: impl Into<String>, shape: Vec<usize>, data: TensorData) -> Result<Tensor, RuntimeError> {
         let name = name.into();
         let want = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));

@@ -112,3 +112,104 @@ pub struct TrustRootPushed {
     /// Devices the new root (chain) was sent to.
     pub devices: u64,
 }
+
+/// `POST /api/v1/devices/{id}/tags`: server-side tags (they win over the device's own).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TagsUpdate {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Keys to remove (also the device's own tag of that key).
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// One row of `GET /api/v1/drift`: a signal of a model version, merged over a cohort's devices
+/// for one aggregation window, scored against the bundle's baseline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DriftRow {
+    pub model: String,
+    pub version: u64,
+    /// The tag selector of the devices merged (e.g. `group=lab`; `!group` for devices without
+    /// that tag; empty for all devices).
+    pub cohort: String,
+    pub signal: String,
+    /// RFC 3339.
+    pub window_start: String,
+    pub window_end: String,
+    /// Values counted for this signal.
+    pub count: u64,
+    pub inferences: u64,
+    pub devices: u64,
+    pub psi: Option<f64>,
+    pub js: Option<f64>,
+    pub ks: Option<f64>,
+    pub wasserstein: Option<f64>,
+    /// Mean of the live values (for accuracy: the share of correct predictions).
+    pub mean: Option<f64>,
+    /// Metrics over their thresholds in this window.
+    pub exceeded: Vec<String>,
+    /// This window completes `consecutive` windows in a row over a threshold.
+    pub alert: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DriftAlert {
+    pub id: i64,
+    pub model: String,
+    pub version: u64,
+    pub cohort: String,
+    pub signal: String,
+    /// Metrics over their thresholds when it was raised, e.g. `psi`.
+    pub metrics: Vec<String>,
+    /// The first metric's value in the latest window over the threshold, and that threshold.
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    /// Windows in a row over a threshold so far.
+    pub windows: u32,
+    pub first_window: String,
+    pub last_window: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    pub raised: String,
+    pub resolved: Option<String>,
+}
+
+/// `POST /api/v1/samples/pull`: ask devices for the reservoir sample of a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplesPull {
+    pub model: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// Tag selector of the devices to ask (default: every online device running the model).
+    #[serde(default)]
+    pub selector: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplesPulled {
+    pub upload_id: String,
+    pub devices: Vec<String>,
+}
+
+/// `GET /api/v1/samples/uploads/{id}`: how an upload is going, per device asked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleUploadDevice {
+    pub device: String,
+    pub parts: u32,
+    pub samples: u64,
+    pub done: bool,
+}
+
+/// A stored reservoir sample (`GET /api/v1/samples`): one inference's inputs as v2 tensors,
+/// so a list of them reads as golden or baseline data, or as a trainer's input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub device: String,
+    pub model: String,
+    pub version: u64,
+    pub id: String,
+    pub ts: String,
+    pub inputs: Vec<crate::v2::InferTensor>,
+    pub predicted: Vec<u32>,
+    pub labels: Option<Vec<u32>>,
+}

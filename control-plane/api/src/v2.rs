@@ -42,6 +42,36 @@ pub struct InferRequest {
     pub inputs: Vec<InferTensor>,
 }
 
+/// Ground truth for an earlier inference (Flotilla's extension): `POST
+/// /v2/models/{name}/feedback` with one of these or an array of them. `id` is the id of the infer
+/// request (or the one the agent gave in its response); `label` is the true class for a
+/// single-sample request, `labels` one per sample of a batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Feedback {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<u32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeedbackBody {
+    One(Feedback),
+    Many(Vec<Feedback>),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackResponse {
+    /// Labelled samples matched to a prediction.
+    pub matched: u64,
+    /// Of those, the ones the model had right.
+    pub correct: u64,
+    /// Request ids the agent no longer (or never) knew.
+    pub unknown: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InferResponse {
     pub model_name: String,

@@ -2,6 +2,7 @@
 //! to pin, run golden inputs through the real runtime to record the self-test, and write the
 //! unsigned bundle. Used by `flotilla bundle build` (and later by the retraining pipeline).
 
+pub mod baseline;
 pub mod golden;
 pub mod npy;
 
@@ -57,6 +58,8 @@ pub struct BuildOptions {
     pub delta_base: Option<Vec<u8>>,
     /// With `delta_base`: leave out the full form, so only devices holding the base can install.
     pub delta_only: bool,
+    /// Drift baseline: reference data and what to watch (`--baseline`, `--drift-*`).
+    pub drift: Option<(baseline::Reference, baseline::DriftOptions)>,
 }
 
 impl BuildOptions {
@@ -82,6 +85,7 @@ impl BuildOptions {
             zstd_level: 19,
             delta_base: None,
             delta_only: false,
+            drift: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct Built {
     pub bytes: Vec<u8>,
     /// Things the operator should know (e.g. this machine's runtime disagrees with a reference).
     pub warnings: Vec<String>,
+    /// The drift profile stored as the `baseline` artifact, when there is one.
+    pub profile: Option<flotilla_drift::Profile>,
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
@@ -191,6 +197,19 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
             with_full: false,
         });
     }
+    let mut profile = None;
+    if let Some((reference, drift)) = &opts.drift {
+        let p = baseline::profile(&opts.model, &model_signature, &runtime, reference, drift)?;
+        artifacts.push(ArtifactInput {
+            name: "baseline".into(),
+            role: Role::Baseline,
+            media_type: baseline::PROFILE_MEDIA_TYPE.into(),
+            content: serde_json::to_vec(&p).map_err(|e| BuildError::Input(e.to_string()))?,
+            delta_base: None,
+            with_full: false,
+        });
+        profile = Some(p);
+    }
     let manifest = Manifest {
         kind: MANIFEST_TYPE.into(),
         schema: MANIFEST_SCHEMA,
@@ -213,7 +232,7 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     };
     let mut bytes = Vec::new();
     let manifest = write_bundle(manifest, &artifacts, opts.zstd_level, &mut bytes)?;
-    Ok(Built { manifest, bytes, warnings })
+    Ok(Built { manifest, bytes, warnings, profile })
 }
 
 /// The model content of an existing bundle (the base for `--delta-from`), checked against the

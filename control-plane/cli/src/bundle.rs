@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use flotilla_builder::baseline::{self, DriftOptions, Reference};
 use flotilla_builder::{BuildOptions, build, golden, parse_input_shape, signature};
 use flotilla_bundle::format::{extract_artifact, read_envelope};
 use flotilla_bundle::manifest::Role;
@@ -83,6 +84,8 @@ pub enum BundleCmd {
         /// refuse the bundle with a clear reason).
         #[arg(long, requires = "delta_from")]
         delta_only: bool,
+        #[command(flatten)]
+        drift: DriftArgs,
         #[arg(long, value_name = "B.flb")]
         out: PathBuf,
     },
@@ -108,6 +111,99 @@ pub enum BundleCmd {
     Push { bundle: PathBuf },
     /// List bundles on the control plane.
     Ls,
+}
+
+/// Drift monitoring: the baseline the devices compare their live data with.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Drift")]
+pub struct DriftArgs {
+    /// Reference data (the training or validation set) to compute the drift baseline from:
+    /// `.npy` (single-input models; the first axis indexes samples), CSV (one `[N, F]` input; a
+    /// `label` column holds true classes) or JSON v2 infer requests. The model runs over all of
+    /// it; the profile of each signal is stored in the bundle.
+    #[arg(long, value_name = "DATA")]
+    pub baseline: Option<PathBuf>,
+    /// True classes of the baseline samples (`.npy` or one per line): the accuracy baseline.
+    #[arg(long, value_name = "FILE", requires = "baseline")]
+    pub baseline_labels: Option<PathBuf>,
+    /// Report window: a time (`30s`, `5m`; aligned across devices) or a number of inferences.
+    #[arg(long, value_name = "WINDOW", default_value = "60s", requires = "baseline")]
+    pub drift_window: String,
+    /// Alert threshold, METRIC=VALUE with METRIC one of psi, js, ks, wasserstein (repeatable;
+    /// default psi=0.2). A window drifts when any metric exceeds its threshold.
+    #[arg(long, value_name = "METRIC=VALUE", requires = "baseline")]
+    pub drift_threshold: Vec<String>,
+    /// Windows in a row over a threshold before the control plane raises an alert.
+    #[arg(long, value_name = "K", default_value_t = 2, requires = "baseline")]
+    pub drift_consecutive: u32,
+    /// Fewest values in a (merged) window for its metrics to be computed (with 10 bins, an
+    /// unshifted window of n values has a PSI of about 9/n from noise alone).
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "baseline")]
+    pub drift_min_count: u64,
+    /// How to turn an input into signals: NAME=mean, NAME=channel-mean[:AXIS], NAME=features,
+    /// NAME=off (repeatable). Default: per-channel means for images, one signal per feature
+    /// for up to 32 tabular features, else the mean.
+    #[arg(long, value_name = "NAME=HOW", requires = "baseline")]
+    pub drift_input: Vec<String>,
+    /// Also watch each dimension of this output (an embedding; repeatable).
+    #[arg(long, value_name = "OUTPUT", requires = "baseline")]
+    pub drift_embedding: Vec<String>,
+    /// Histogram bins per continuous signal (equal-mass on the baseline).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "baseline")]
+    pub drift_bins: usize,
+    /// Let devices keep a reservoir sample of up to N inputs per model version (with their
+    /// predictions and feedback labels) that the control plane may upload for retraining.
+    #[arg(long, value_name = "N", requires = "baseline")]
+    pub drift_sample: Option<u32>,
+}
+
+impl DriftArgs {
+    fn options(
+        &self,
+        sig: &flotilla_bundle::manifest::ModelSignature,
+    ) -> anyhow::Result<Option<(Reference, DriftOptions)>> {
+        let Some(path) = &self.baseline else { return Ok(None) };
+        let mut reference = baseline::read(path, sig)?;
+        if let Some(l) = &self.baseline_labels {
+            anyhow::ensure!(
+                reference.labels.is_none(),
+                "the baseline CSV has a label column already; drop --baseline-labels"
+            );
+            reference.labels = Some(baseline::read_labels(l)?);
+        }
+        let mut config = flotilla_drift::DriftConfig {
+            window: flotilla_drift::Window::parse(&self.drift_window)
+                .map_err(|e| anyhow::anyhow!("--drift-window: {e}"))?,
+            consecutive: self.drift_consecutive.max(1),
+            min_count: self.drift_min_count,
+            sample: self.drift_sample.map(|size| flotilla_drift::SamplePolicy { size }),
+            ..Default::default()
+        };
+        if !self.drift_threshold.is_empty() {
+            config.thresholds.clear();
+        }
+        for t in &self.drift_threshold {
+            let (m, v) = t
+                .split_once('=')
+                .with_context(|| format!("--drift-threshold {t:?}: expected METRIC=VALUE, e.g. psi=0.2"))?;
+            let metric = flotilla_drift::Metric::parse(m)
+                .with_context(|| format!("--drift-threshold {t:?}: metrics are psi, js, ks, wasserstein"))?;
+            let v: f64 =
+                v.trim().parse().with_context(|| format!("--drift-threshold {t:?}: the value is not a number"))?;
+            anyhow::ensure!(v.is_finite() && v >= 0.0, "--drift-threshold {t:?}: expected a value ≥ 0");
+            config.thresholds.insert(metric, v);
+        }
+        let inputs = self.drift_input.iter().map(|s| baseline::Reduction::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        anyhow::ensure!(
+            (1..=flotilla_drift::MAX_BINS).contains(&self.drift_bins),
+            "--drift-bins must be 1 to {}",
+            flotilla_drift::MAX_BINS
+        );
+        Ok(Some((
+            reference,
+            DriftOptions { config, inputs, embeddings: self.drift_embedding.clone(), bins: self.drift_bins },
+        )))
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -160,6 +256,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             expires,
             delta_from,
             delta_only,
+            drift,
             out: path,
         } => {
             let bytes = std::fs::read(&model).with_context(|| format!("reading model {}", model.display()))?;
@@ -197,6 +294,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                     }
                 }
             }
+            opts.drift = drift.options(&sig)?;
             let built = build(&opts)?;
             for w in &built.warnings {
                 eprintln!("warning: {w}");
@@ -207,6 +305,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                 Output::Json => output::json(&serde_json::json!({
                     "bundle": path, "name": m.name, "version": m.version, "size": built.bytes.len(),
                     "golden_cases": opts.golden.len() + opts.golden_reference.len(), "warnings": built.warnings, "signed": false, "delta": opts.delta_base.is_some(),
+                    "drift_signals": built.profile.as_ref().map(|p| p.signals.iter().map(|s| s.signal.name.clone()).collect::<Vec<_>>()),
                 })),
                 Output::Table => {
                     println!(
@@ -231,6 +330,19 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                             a.stored_size,
                             a.size,
                             &base_sha256[..12]
+                        );
+                    }
+                    if let Some(p) = &built.profile {
+                        let names: Vec<&str> = p.signals.iter().map(|s| s.signal.name.as_str()).collect();
+                        let thresholds: Vec<String> =
+                            p.config.thresholds.iter().map(|(m, v)| format!("{}>{v}", m.as_str())).collect();
+                        println!(
+                            "  drift baseline: {} signals ({}), window {}, alert after {} windows with {}",
+                            names.len(),
+                            names.join(", "),
+                            p.config.window,
+                            p.config.consecutive,
+                            thresholds.join(" or ")
                         );
                     }
                     println!("next: flotilla bundle sign {} --key KEY.key", path.display());

@@ -1,7 +1,10 @@
 //! `flotilla devices ...` and `flotilla rollout ...`.
 
 use clap::Subcommand;
-use flotilla_api::v1::{Device, Rollout, RolloutCreate, RolloutCreated};
+use flotilla_api::v1::{
+    Device, DriftAlert, DriftRow, Rollout, RolloutCreate, RolloutCreated, SampleRecord, SampleUploadDevice,
+    SamplesPull, SamplesPulled, TagsUpdate,
+};
 
 use crate::client::Client;
 use crate::output::{self, Output};
@@ -9,7 +12,87 @@ use crate::output::{self, Output};
 #[derive(Subcommand, Debug)]
 pub enum DevicesCmd {
     /// List registered devices.
-    Ls,
+    Ls {
+        /// Only devices whose tags match, e.g. -l group=lab, -l 'group in (lab,field),!test'.
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+    },
+    /// Set or remove tags of a device on the server (they win over the tags the device
+    /// reports): `flotilla devices tag rpi-7 group=lab site=berlin`, `... tag rpi-7 site-`.
+    Tag {
+        id: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DriftCmd {
+    /// Drift per cohort, signal and window: live sketches merged over the cohort's devices and
+    /// scored against the bundle's baseline (PSI, Jensen–Shannon distance, KS, Wasserstein-1).
+    Show {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// Only devices whose tags match, e.g. -l group=lab.
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Tag whose values make the cohorts (default: the server's, `group`); `none` merges
+        /// all selected devices into one.
+        #[arg(long, value_name = "TAG")]
+        by: Option<String>,
+        /// Only the latest N windows.
+        #[arg(long, value_name = "N")]
+        last: Option<u32>,
+        /// Only this signal (e.g. class, confidence, input.c0).
+        #[arg(long)]
+        signal: Option<String>,
+    },
+    /// Reservoir samples of inputs kept by devices for retraining (only when the bundle was
+    /// built with --drift-sample N).
+    #[command(subcommand)]
+    Samples(SamplesCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SamplesCmd {
+    /// Ask devices to upload their reservoir sample of a model; waits until they have.
+    Pull {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// Only devices whose tags match.
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Give up waiting after this many seconds (the samples still arrive later).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Write the stored samples of a model as a JSON array of v2 infer requests, each with its
+    /// `predicted` classes and feedback `labels` (usable as --golden or --baseline data).
+    Export {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Where to write (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AlertsCmd {
+    /// List drift alerts (firing ones; --all for resolved ones too).
+    Ls {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -32,13 +115,36 @@ pub enum RolloutCmd {
 pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
     let client = Client::new(server)?;
     match cmd {
-        DevicesCmd::Ls => {
-            let list: Vec<Device> = client.get("/api/v1/devices")?;
+        DevicesCmd::Tag { id, tags } => {
+            let mut u = TagsUpdate::default();
+            for t in &tags {
+                if let Some(k) = t.strip_suffix('-').filter(|k| !k.contains('=')) {
+                    u.remove.push(k.to_string());
+                } else {
+                    let (k, v) = flotilla_proto::tags::parse_tag(t).map_err(anyhow::Error::msg)?;
+                    u.set.insert(k, v);
+                }
+            }
+            let d: Device = client.post(&format!("/api/v1/devices/{}/tags", enc(&id)), &u)?;
+            match out {
+                Output::Json => output::json(&d),
+                Output::Table => {
+                    println!("{}: {}", d.id, tags_text(&d.tags));
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::Ls { selector } => {
+            let path = match &selector {
+                Some(s) => format!("/api/v1/devices?selector={}", enc(s)),
+                None => "/api/v1/devices".to_string(),
+            };
+            let list: Vec<Device> = client.get(&path)?;
             match out {
                 Output::Json => output::json(&list),
                 Output::Table => {
                     output::table(
-                        &["ID", "ONLINE", "ARCH", "AGENT", "MODELS", "LAST SEEN"],
+                        &["ID", "ONLINE", "ARCH", "AGENT", "TAGS", "MODELS", "LAST SEEN"],
                         list.iter()
                             .map(|d| {
                                 vec![
@@ -46,12 +152,205 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
                                     if d.online { "yes".into() } else { "no".into() },
                                     d.arch.clone().unwrap_or_default(),
                                     d.agent_version.clone().unwrap_or_default(),
+                                    tags_text(&d.tags),
                                     d.models
                                         .iter()
                                         .map(|m| format!("{}@{}", m.name, m.version))
                                         .collect::<Vec<_>>()
                                         .join(","),
                                     d.last_seen.clone().unwrap_or_default(),
+                                ]
+                            })
+                            .collect(),
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn tags_text(t: &std::collections::BTreeMap<String, String>) -> String {
+    t.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.3}"))
+}
+
+pub fn drift(cmd: DriftCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
+    let client = Client::new(server)?;
+    match cmd {
+        DriftCmd::Samples(c) => samples(&client, c, out),
+        DriftCmd::Show { model, version, selector, by, last, signal } => {
+            let mut q = format!("/api/v1/drift?model={}", enc(&model));
+            if let Some(v) = version {
+                q += &format!("&version={v}");
+            }
+            if let Some(s) = &selector {
+                q += &format!("&selector={}", enc(s));
+            }
+            if let Some(b) = &by {
+                q += &format!("&by={}", enc(b));
+            }
+            if let Some(n) = last {
+                q += &format!("&last={n}");
+            }
+            let mut rows: Vec<DriftRow> = client.get(&q)?;
+            if let Some(sig) = &signal {
+                rows.retain(|r| &r.signal == sig);
+            }
+            match out {
+                Output::Json => output::json(&rows),
+                Output::Table => {
+                    if rows.is_empty() {
+                        println!(
+                            "no drift reports for {model} yet (devices send one per window of the bundle's drift profile)"
+                        );
+                        return Ok(());
+                    }
+                    output::table(
+                        &[
+                            "VERSION",
+                            "COHORT",
+                            "SIGNAL",
+                            "WINDOW END",
+                            "COUNT",
+                            "PSI",
+                            "JS",
+                            "KS",
+                            "W1",
+                            "MEAN",
+                            "ALERT",
+                        ],
+                        rows.iter()
+                            .map(|r| {
+                                vec![
+                                    r.version.to_string(),
+                                    if r.cohort.is_empty() { "(all)".into() } else { r.cohort.clone() },
+                                    r.signal.clone(),
+                                    r.window_end.clone(),
+                                    r.count.to_string(),
+                                    num(r.psi),
+                                    num(r.js),
+                                    num(r.ks),
+                                    num(r.wasserstein),
+                                    num(r.mean),
+                                    if r.alert {
+                                        "ALERT".into()
+                                    } else if !r.exceeded.is_empty() {
+                                        format!("over: {}", r.exceeded.join(","))
+                                    } else {
+                                        String::new()
+                                    },
+                                ]
+                            })
+                            .collect(),
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn samples(client: &Client, cmd: SamplesCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        SamplesCmd::Pull { model, version, selector, timeout } => {
+            let pulled: SamplesPulled =
+                client.post("/api/v1/samples/pull", &SamplesPull { model: model.clone(), version, selector })?;
+            let started = std::time::Instant::now();
+            let status = loop {
+                let status: Vec<SampleUploadDevice> =
+                    client.get(&format!("/api/v1/samples/uploads/{}", pulled.upload_id))?;
+                if status.iter().all(|d| d.done) || started.elapsed().as_secs() >= timeout {
+                    break status;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            };
+            match out {
+                Output::Json => output::json(&serde_json::json!({"upload_id": pulled.upload_id, "devices": status})),
+                Output::Table => {
+                    output::table(
+                        &["DEVICE", "SAMPLES", "DONE"],
+                        status
+                            .iter()
+                            .map(|d| {
+                                vec![d.device.clone(), d.samples.to_string(), if d.done { "yes" } else { "no" }.into()]
+                            })
+                            .collect(),
+                    );
+                    println!("next: flotilla drift samples export --model {model} --out samples.json");
+                    Ok(())
+                }
+            }
+        }
+        SamplesCmd::Export { model, version, selector, out: path } => {
+            let mut q = format!("/api/v1/samples?model={}", enc(&model));
+            if let Some(v) = version {
+                q += &format!("&version={v}");
+            }
+            if let Some(s) = &selector {
+                q += &format!("&selector={}", enc(s));
+            }
+            let records: Vec<SampleRecord> = client.get(&q)?;
+            let text = serde_json::to_string_pretty(&records)?;
+            match path {
+                Some(p) => {
+                    std::fs::write(&p, text)?;
+                    eprintln!("wrote {} samples to {}", records.len(), p.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn alerts(cmd: AlertsCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
+    let client = Client::new(server)?;
+    match cmd {
+        AlertsCmd::Ls { all } => {
+            let list: Vec<DriftAlert> = client.get(if all { "/api/v1/alerts?all=true" } else { "/api/v1/alerts" })?;
+            match out {
+                Output::Json => output::json(&list),
+                Output::Table => {
+                    output::table(
+                        &[
+                            "ID",
+                            "STATE",
+                            "MODEL",
+                            "COHORT",
+                            "SIGNAL",
+                            "METRIC",
+                            "VALUE",
+                            "THRESHOLD",
+                            "WINDOWS",
+                            "SINCE",
+                        ],
+                        list.iter()
+                            .map(|a| {
+                                vec![
+                                    a.id.to_string(),
+                                    a.state.clone(),
+                                    format!("{}@{}", a.model, a.version),
+                                    if a.cohort.is_empty() { "(all)".into() } else { a.cohort.clone() },
+                                    a.signal.clone(),
+                                    a.metrics.join(","),
+                                    num(a.value),
+                                    num(a.threshold),
+                                    a.windows.to_string(),
+                                    a.first_window.clone(),
                                 ]
                             })
                             .collect(),

@@ -38,6 +38,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per run: the size of the `bundle build` variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Generate an ed25519 signing key: writes PREFIX.key (mode 0600) and PREFIX.pub.
@@ -57,6 +59,12 @@ enum Cmd {
     /// Roll a bundle out to devices.
     #[command(subcommand)]
     Rollout(fleet::RolloutCmd),
+    /// Data drift across the fleet, per cohort, against each bundle's baseline.
+    #[command(subcommand)]
+    Drift(fleet::DriftCmd),
+    /// Drift alerts.
+    #[command(subcommand)]
+    Alerts(fleet::AlertsCmd),
 }
 
 fn main() {
@@ -67,6 +75,8 @@ fn main() {
         Cmd::Bundle(c) => bundle::run(c, cli.server.as_deref(), cli.output),
         Cmd::Devices(c) => fleet::devices(c, cli.server.as_deref(), cli.output),
         Cmd::Rollout(c) => fleet::rollout(c, cli.server.as_deref(), cli.output),
+        Cmd::Drift(c) => fleet::drift(c, cli.server.as_deref(), cli.output),
+        Cmd::Alerts(c) => fleet::alerts(c, cli.server.as_deref(), cli.output),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -364,3 +364,180 @@ fn delta_bundles_from_the_cli() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("is itself a delta"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drift_tags_feedback_and_samples_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
+    let server = fleet.api();
+    let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+    };
+
+    // Tags and selectors.
+    ok(&["devices", "tag", "dev-0", "group=lab"], Some(&server));
+    ok(&["devices", "tag", "dev-1", "group=field", "site=berlin"], Some(&server));
+    ok(&["devices", "tag", "dev-1", "site-"], Some(&server));
+    assert_eq!(ids(&json(&["devices", "ls", "-l", "group=lab", "-o", "json"])), ["dev-0"]);
+    assert_eq!(ids(&json(&["devices", "ls", "-l", "group in (lab,field),!site", "-o", "json"])), ["dev-0", "dev-1"]);
+    assert!(ids(&json(&["devices", "ls", "-l", "site", "-o", "json"])).is_empty());
+    let bad = flotilla(&["devices", "ls", "-l", "group in lab"], Some(&server));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_selector"), "{bad:?}");
+    assert!(!flotilla(&["devices", "tag", "dev-0", "no spaces=x"], Some(&server)).status.success());
+
+    // A bundle with a drift baseline, a reservoir big enough to keep every request.
+    std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
+    std::fs::write(d.join("baseline.npy"), digits::BASELINE_NPY).unwrap();
+    let b = d.join("d.flb");
+    let built: serde_json::Value = serde_json::from_str(&ok(
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "3",
+            "--model",
+            s(&d.join("model.onnx")),
+            "--baseline",
+            s(&d.join("baseline.npy")),
+            "--drift-window",
+            "1s",
+            "--drift-threshold",
+            "psi=0.5",
+            "--drift-consecutive",
+            "1",
+            "--drift-min-count",
+            "100",
+            "--drift-sample",
+            "1000",
+            "--out",
+            s(&b),
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(built["drift_signals"], serde_json::json!(["input.c0", "class", "confidence", "accuracy"]));
+    let key = d.join("harness");
+    fleet.key.save(&key).unwrap();
+    ok(&["bundle", "sign", s(&b), "--key", s(&key.with_extension("key"))], None);
+    ok(&["bundle", "push", s(&b)], Some(&server));
+    let id = ok(&["rollout", "start", "--bundle", "digits@3"], Some(&server));
+    assert_eq!(fleet.wait_rollout(id.trim(), Duration::from_secs(60)).await.unwrap().state, "completed");
+
+    // Feedback on a labelled request.
+    let samples = digits::samples();
+    let resp = fleet.infer("dev-0", "digits", &digits::request(&samples)).await.unwrap();
+    let rid = resp.id.clone().unwrap();
+    let labels: Vec<usize> = samples.iter().map(|s| s.label).collect();
+    let addr = fleet.agent("dev-0").api_addr();
+    let http = reqwest::Client::new();
+    let fb: serde_json::Value = http
+        .post(format!("http://{addr}/v2/models/digits/feedback"))
+        .json(&serde_json::json!({"id": rid, "labels": labels}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fb["matched"], 20);
+    assert_eq!(fb["correct"], 20);
+    let unknown = http
+        .post(format!("http://{addr}/v2/models/digits/feedback"))
+        .json(&serde_json::json!({"id": "no-such-request", "label": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    // Lab sees held-out images, the field inverted ones, for a few 1 s windows.
+    let images = digits::baseline_images();
+    let mut sent = [1u64, 0];
+    let start = std::time::Instant::now();
+    let mut k = 0;
+    while start.elapsed() < Duration::from_millis(3500) {
+        for (i, dev) in ["dev-0", "dev-1"].iter().enumerate() {
+            let batch: Vec<Vec<f32>> = (0..16)
+                .map(|j| {
+                    let img = &images[(k * 16 + j) % images.len()];
+                    if i == 1 { digits::inverted(img) } else { img.clone() }
+                })
+                .collect();
+            fleet.infer(dev, "digits", &digits::images_request(&batch)).await.unwrap();
+            sent[i] += 1;
+        }
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet
+        .wait_for(Duration::from_secs(30), || async {
+            let out = flotilla(&["alerts", "ls", "-o", "json"], Some(&server));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            Ok(v.as_array().is_some_and(|a| a.iter().any(|a| a["cohort"] == "group=field")))
+        })
+        .await
+        .unwrap();
+    let alerts = json(&["alerts", "ls", "-o", "json"]);
+    assert!(alerts.as_array().unwrap().iter().all(|a| a["cohort"] != "group=lab"), "{alerts:#}");
+
+    let rows = json(&["drift", "show", "--model", "digits", "-o", "json"]);
+    let rows = rows.as_array().unwrap();
+    for field in
+        ["model", "version", "cohort", "signal", "window_end", "count", "psi", "js", "ks", "wasserstein", "alert"]
+    {
+        assert!(rows.iter().all(|r| r.get(field).is_some()), "rows lack {field}: {rows:#?}");
+    }
+    assert!(rows.iter().any(|r| r["cohort"] == "group=field" && r["alert"] == true));
+    let lab = json(&["drift", "show", "--model", "digits", "--version", "3", "-l", "group=lab", "-o", "json"]);
+    // Held-out images score a PSI of about 9/n from sampling noise alone: far under 0.5.
+    assert!(lab.as_array().unwrap().iter().all(|r| r["cohort"] == "group=lab" && r["alert"] == false), "{lab:#}");
+    // The accuracy signal carries the feedback: 20 of 20 right.
+    let acc: f64 = lab
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["signal"] == "accuracy")
+        .map(|r| r["count"].as_f64().unwrap())
+        .sum();
+    assert_eq!(acc, 20.0);
+    assert!(ok(&["drift", "show", "--model", "digits", "--last", "1"], Some(&server)).contains("COHORT"));
+
+    // The reservoir: every request each device served, the labelled one with its labels.
+    let pulled = json(&["drift", "samples", "pull", "--model", "digits", "-o", "json"]);
+    assert!(pulled["devices"].as_array().unwrap().iter().all(|d| d["done"] == true), "{pulled:#}");
+    let export = d.join("samples.json");
+    ok(&["drift", "samples", "export", "--model", "digits", "--out", s(&export)], Some(&server));
+    let records: serde_json::Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+    let records = records.as_array().unwrap();
+    for (i, dev) in ["dev-0", "dev-1"].iter().enumerate() {
+        assert_eq!(records.iter().filter(|r| r["device"] == *dev).count() as u64, sent[i], "{dev}");
+    }
+    let labelled = records.iter().find(|r| r["id"] == rid.as_str()).unwrap();
+    assert_eq!(labelled["labels"], serde_json::json!(labels));
+    assert_eq!(labelled["inputs"][0]["shape"], serde_json::json!([20, 1, 8, 8]));
+    // Exported samples are baseline data for the next build.
+    ok(
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "digits",
+            "--version",
+            "4",
+            "--model",
+            s(&d.join("model.onnx")),
+            "--baseline",
+            s(&export),
+            "--out",
+            s(&d.join("d4.flb")),
+        ],
+        None,
+    );
+    fleet.shutdown().await;
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{Channel, Chunk, Command, Event, FetchRequest, Hello, Msg, State, TrustRoots};
+use flotilla_proto::{Channel, Chunk, Command, Event, FetchRequest, Hello, Msg, State, Telemetry, TrustRoots};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,7 @@ pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
 }
 
 /// The device channels the control plane subscribes to.
-const SUBSCRIBED: [Channel; 4] = [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch];
+const SUBSCRIBED: [Channel; 5] = [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch, Channel::Metrics];
 
 pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut attempt = 0u32;
@@ -87,6 +87,7 @@ async fn handle(s: &Arc<Shared>, topic: &str, payload: &[u8]) {
         Channel::State => on_state(s, device, payload),
         Channel::Events => on_event(s, device, payload),
         Channel::Fetch => on_fetch(s, device, payload).await,
+        Channel::Metrics => on_metrics(s, device, payload).await,
         _ => Ok(()),
     };
     if let Err(e) = result {
@@ -183,6 +184,17 @@ fn on_event(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
         s.wake.notify_one();
     }
     Ok(())
+}
+
+async fn on_metrics(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<Telemetry> = flotilla_proto::decode(payload)?;
+    let (s, device) = (s.clone(), device.to_string());
+    // Merging and scoring read the store: off the async runtime.
+    tokio::task::spawn_blocking(move || match msg.body {
+        Telemetry::Drift(r) => crate::drift::ingest(&s, &device, &msg.id, r, now_s()),
+        Telemetry::Samples(b) => crate::drift::ingest_samples(&s, &device, b, now_s()),
+    })
+    .await?
 }
 
 fn event_kind(e: &Event) -> &'static str {

@@ -10,10 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_api::v1::{
-    ApiError, Bundle, Device, DeviceModel, Event, Rollout, RolloutCreate, RolloutCreated, RolloutDevice,
-    TrustRootPushed,
+    ApiError, Bundle, Device, DeviceModel, DriftAlert, DriftRow, Event, Rollout, RolloutCreate, RolloutCreated,
+    RolloutDevice, SampleRecord, SampleUploadDevice, SamplesPull, SamplesPulled, TagsUpdate, TrustRootPushed,
 };
 use flotilla_bundle::TrustedRoot;
+use flotilla_proto::tags::{Selector, valid_tag_part};
 
 use crate::bundles::PushError;
 use crate::store::{BundleRow, DeviceRow};
@@ -27,6 +28,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/devices/{id}/tags", axum::routing::post(tag_device))
+        .route("/api/v1/drift", get(drift_rows))
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/samples", get(list_samples))
+        .route("/api/v1/samples/pull", axum::routing::post(pull_samples))
+        .route("/api/v1/samples/uploads/{id}", get(sample_upload))
         .route("/api/v1/bundles", get(list_bundles).post(push_bundle))
         .route("/api/v1/bundles/{id}", get(download_bundle))
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
@@ -86,8 +93,201 @@ fn device(row: DeviceRow) -> Device {
     }
 }
 
-async fn list_devices(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Device>>> {
-    Ok(Json(s.store.devices()?.into_iter().map(device).collect()))
+#[derive(serde::Deserialize)]
+struct DevicesQuery {
+    /// Tag selector, e.g. `group=lab,arch!=armv7`.
+    selector: Option<String>,
+}
+
+fn selector(s: Option<&str>) -> Result<Selector> {
+    Selector::parse(s.unwrap_or("")).map_err(|e| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_selector",
+            e,
+            Some("selectors look like `group=lab`, `group!=lab`, `group in (lab,field)`, `group`, `!group`, joined by commas"),
+        )
+    })
+}
+
+async fn list_devices(State(s): State<Arc<Shared>>, Query(q): Query<DevicesQuery>) -> Result<Json<Vec<Device>>> {
+    let sel = selector(q.selector.as_deref())?;
+    Ok(Json(s.store.devices()?.into_iter().map(device).filter(|d| sel.matches(&d.tags)).collect()))
+}
+
+async fn tag_device(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: std::result::Result<Json<TagsUpdate>, JsonRejection>,
+) -> Result<Json<Device>> {
+    let Json(u) = body.map_err(|e| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            e.body_text(),
+            Some("send {\"set\": {\"key\": \"value\"}, \"remove\": [\"key\"]}"),
+        )
+    })?;
+    let mut changes = Vec::new();
+    for (k, v) in u.set {
+        if !valid_tag_part(&k, true) || !valid_tag_part(&v, false) {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                "bad_tag",
+                format!("`{k}={v}` is not a valid tag"),
+                Some("keys and values are up to 63 letters, digits, `-`, `_`, `.` or `/`"),
+            ));
+        }
+        changes.push((k, Some(v)));
+    }
+    for k in u.remove {
+        changes.push((k, None));
+    }
+    if !s.store.set_server_tags(&id, &changes)? {
+        return Err(Error::new(
+            StatusCode::NOT_FOUND,
+            "device_not_found",
+            format!("no device {id:?}"),
+            Some("list devices with `flotilla devices ls`"),
+        ));
+    }
+    get_device(State(s), Path(id)).await
+}
+
+#[derive(serde::Deserialize)]
+struct DriftQuery {
+    model: Option<String>,
+    version: Option<u64>,
+    selector: Option<String>,
+    /// Tag whose values are the cohorts (default: the server's cohort key); `none` merges all.
+    by: Option<String>,
+    /// Only the latest this many windows.
+    last: Option<u32>,
+}
+
+async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -> Result<Json<Vec<DriftRow>>> {
+    let Some(model) = q.model else {
+        let known: Vec<String> = s.store.drift_models()?.into_iter().map(|(m, v)| format!("{m}@{v}")).collect();
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            "model_required",
+            format!(
+                "say which model (models with drift reports: {})",
+                if known.is_empty() { "none yet".into() } else { known.join(", ") }
+            ),
+            Some("flotilla drift show --model NAME"),
+        ));
+    };
+    let selector = selector(q.selector.as_deref())?;
+    let by = match q.by.as_deref() {
+        Some("none") | Some("") => None,
+        Some(k) => Some(k.to_string()),
+        None => Some(s.drift_cohort_key.clone()),
+    };
+    let since = match (q.last, q.version) {
+        (Some(n), Some(v)) if n > 0 => s.store.drift_bucket_back(&model, v, n - 1)?.unwrap_or(0),
+        _ => 0,
+    };
+    let s2 = s.clone();
+    let query = crate::drift::Query { model, version: q.version, selector, by, since };
+    let rows = tokio::task::spawn_blocking(move || crate::drift::rows(&s2, &query))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))??;
+    let mut rows: Vec<DriftRow> = rows.into_iter().map(|(_, r)| r).collect();
+    if let (Some(n), None) = (q.last, q.version) {
+        // Per version: keep its latest n windows.
+        let mut ends: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>> = Default::default();
+        for r in &rows {
+            ends.entry(r.version).or_default().insert(r.window_end.clone());
+        }
+        rows.retain(|r| ends[&r.version].iter().rev().take(n as usize).any(|e| e == &r.window_end));
+    }
+    Ok(Json(rows))
+}
+
+async fn pull_samples(
+    State(s): State<Arc<Shared>>,
+    body: std::result::Result<Json<SamplesPull>, JsonRejection>,
+) -> Result<Json<SamplesPulled>> {
+    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let sel = selector(req.selector.as_deref())?;
+    let upload_id = format!("u-{}", crate::new_id());
+    let mut devices = Vec::new();
+    for d in s.store.devices()?.into_iter().map(device) {
+        let runs = d.models.iter().any(|m| m.name == req.model && req.version.is_none_or(|v| v == m.version));
+        if d.online && runs && sel.matches(&d.tags) {
+            s.store.add_sample_upload(&upload_id, &d.id, &req.model, now_s())?;
+            let cmd = flotilla_proto::Command::UploadSamples(flotilla_proto::SampleRequest {
+                upload_id: upload_id.clone(),
+                model: req.model.clone(),
+                version: req.version,
+            });
+            let payload = flotilla_proto::encode(&flotilla_proto::Msg::new(crate::new_id(), crate::now_ms(), cmd));
+            s.mqtt
+                .publish(
+                    s.topics.device(&d.id, flotilla_proto::Channel::Cmd),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("asking {} for samples: {e}", d.id))?;
+            devices.push(d.id);
+        }
+    }
+    if devices.is_empty() {
+        return Err(Error::new(
+            StatusCode::NOT_FOUND,
+            "no_devices",
+            format!("no online device matching the selector runs {}", req.model),
+            Some("see `flotilla devices ls` for what runs where"),
+        ));
+    }
+    Ok(Json(SamplesPulled { upload_id, devices }))
+}
+
+async fn sample_upload(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Vec<SampleUploadDevice>>> {
+    let rows = s.store.sample_upload(&id)?;
+    if rows.is_empty() {
+        return Err(Error::new(StatusCode::NOT_FOUND, "upload_not_found", format!("no sample upload {id:?}"), None));
+    }
+    Ok(Json(
+        rows.into_iter()
+            .map(|(device, parts, samples, done)| SampleUploadDevice { device, parts, samples, done })
+            .collect(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct SamplesQuery {
+    model: String,
+    version: Option<u64>,
+    selector: Option<String>,
+}
+
+async fn list_samples(State(s): State<Arc<Shared>>, Query(q): Query<SamplesQuery>) -> Result<Json<Vec<SampleRecord>>> {
+    let sel = selector(q.selector.as_deref())?;
+    let tags: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
+        s.store.devices()?.into_iter().map(device).map(|d| (d.id, d.tags)).collect();
+    let none = Default::default();
+    let mut out = Vec::new();
+    for (dev, version, body) in s.store.samples(&q.model, q.version)? {
+        if sel.matches(tags.get(&dev).unwrap_or(&none)) {
+            out.push(crate::drift::sample_record(dev, version, &q.model, &body)?);
+        }
+    }
+    Ok(Json(out))
+}
+
+#[derive(serde::Deserialize)]
+struct AlertsQuery {
+    /// Include resolved alerts.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_alerts(State(s): State<Arc<Shared>>, Query(q): Query<AlertsQuery>) -> Result<Json<Vec<DriftAlert>>> {
+    Ok(Json(s.store.alerts(q.all)?.into_iter().map(crate::drift::alert).collect()))
 }
 
 async fn get_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Device>> {

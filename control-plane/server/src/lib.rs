@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod bundles;
+pub mod drift;
 pub mod driver;
 pub mod fleet;
 pub mod http;
@@ -48,6 +49,10 @@ pub struct ServerConfig {
     /// Bytes per MQTT chunk and per HTTP Range request that offers ask devices to use: the
     /// most a cut connection or a crash can make a device fetch twice.
     pub chunk_size: u32,
+    /// Drift: the tag whose values are the cohorts alerts are judged per (default `group`).
+    pub drift_cohort_key: String,
+    /// Drift: the aggregation period for reports of count windows (time windows use their own).
+    pub drift_period_secs: u64,
 }
 
 impl ServerConfig {
@@ -63,6 +68,8 @@ impl ServerConfig {
             topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
             public_url: None,
             chunk_size: flotilla_proto::DEFAULT_CHUNK_SIZE,
+            drift_cohort_key: "group".into(),
+            drift_period_secs: 60,
         }
     }
 }
@@ -84,6 +91,9 @@ pub struct Shared {
     /// Bundle bytes served, per transport (for metrics and the transfer tests).
     pub served_mqtt: std::sync::atomic::AtomicU64,
     pub served_http: std::sync::atomic::AtomicU64,
+    pub profiles: drift::Profiles,
+    pub drift_cohort_key: String,
+    pub drift_period_ms: u64,
 }
 
 pub struct Server {
@@ -154,6 +164,9 @@ impl Server {
             chunk_size: cfg.chunk_size.clamp(1024, flotilla_proto::DEFAULT_CHUNK_SIZE * 2),
             served_mqtt: Default::default(),
             served_http: Default::default(),
+            profiles: Default::default(),
+            drift_cohort_key: cfg.drift_cohort_key.clone(),
+            drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -213,6 +226,14 @@ fn load_trust(store: &Store, configured: Option<&std::path::Path>) -> anyhow::Re
     let anchor = TrustedRoot::anchor(first, 0).context("the store's oldest trust root")?;
     let chain: Vec<Vec<u8>> = stored.into_iter().map(|(_, b)| b).collect();
     Ok(Some(anchor.rotate_chain(&chain, now).context("the store's trust root chain")?))
+}
+
+/// RFC 3339 of milliseconds since the epoch.
+pub fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
 }
 
 pub fn now_s() -> i64 {

@@ -47,9 +47,23 @@ struct Args {
     /// 524288): the most a cut connection or a crash makes a device fetch twice.
     #[arg(long, value_name = "BYTES", default_value_t = flotilla_proto::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// Drift alerts are judged per value of this device tag (cohorts like group=lab).
+    #[arg(long, value_name = "TAG", default_value = "group")]
+    drift_cohort_key: String,
+    /// Aggregation period for drift reports of count-based windows, e.g. 60s (time-based
+    /// windows aggregate per window).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_secs)]
+    drift_period: u64,
     /// MQTT topic prefix.
     #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
     topic_prefix: String,
+}
+
+fn parse_secs(s: &str) -> Result<u64, String> {
+    match flotilla_drift::Window::parse(s)? {
+        flotilla_drift::Window::Seconds(n) => Ok(n),
+        flotilla_drift::Window::Count(n) => Ok(n),
+    }
 }
 
 #[tokio::main]
@@ -72,6 +86,8 @@ async fn main() {
     cfg.topic_prefix = a.topic_prefix;
     cfg.public_url = a.public_url;
     cfg.chunk_size = a.chunk_size;
+    cfg.drift_cohort_key = a.drift_cohort_key;
+    cfg.drift_period_secs = a.drift_period;
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

@@ -58,7 +58,91 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL,
     UNIQUE (device_id, msg_id)
 );
+CREATE TABLE IF NOT EXISTS drift_reports (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    window_end INTEGER NOT NULL,
+    -- The aggregation window (ms) the report counts in: its aligned end.
+    bucket INTEGER NOT NULL,
+    inferences INTEGER NOT NULL,
+    signals BLOB NOT NULL,
+    received INTEGER NOT NULL,
+    UNIQUE (device_id, msg_id)
+);
+CREATE INDEX IF NOT EXISTS drift_reports_by_model ON drift_reports (model, version, bucket);
+CREATE TABLE IF NOT EXISTS samples (
+    device_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sample_id TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    -- CBOR: flotilla_proto::Sample
+    body BLOB NOT NULL,
+    received INTEGER NOT NULL,
+    PRIMARY KEY (device_id, model, version, sample_id)
+);
+CREATE TABLE IF NOT EXISTS sample_uploads (
+    upload_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requested INTEGER NOT NULL,
+    parts INTEGER NOT NULL DEFAULT 0,
+    samples INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (upload_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS drift_alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    cohort TEXT NOT NULL,
+    signal TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    value REAL,
+    threshold REAL,
+    windows INTEGER NOT NULL,
+    first_window INTEGER NOT NULL,
+    last_window INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    raised INTEGER NOT NULL,
+    resolved INTEGER
+);
 ";
+
+/// One stored drift report (`signals` is CBOR: `Vec<flotilla_proto::SignalSketch>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftReportRow {
+    pub device_id: String,
+    pub version: u64,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub bucket: i64,
+    pub inferences: u64,
+    pub signals: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRow {
+    pub id: i64,
+    pub model: String,
+    pub version: u64,
+    pub cohort: String,
+    pub signal: String,
+    pub metrics: String,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub windows: u32,
+    pub first_window: i64,
+    pub last_window: i64,
+    pub state: String,
+    pub raised: i64,
+    pub resolved: Option<i64>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRow {
@@ -115,6 +199,8 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         add_column(&conn, "devices", "root_version", "INTEGER")?;
+        // Tags set on the server (`flotilla devices tag`); they win over the device's own.
+        add_column(&conn, "devices", "server_tags", "TEXT NOT NULL DEFAULT '{}'")?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
@@ -149,7 +235,8 @@ impl Store {
 
     pub fn devices(&self) -> anyhow::Result<Vec<DeviceRow>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, online, last_seen, hello, models, tags FROM devices ORDER BY id")?;
+            let mut st =
+                c.prepare("SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices ORDER BY id")?;
             st.query_map([], device_row)?.collect()
         })
     }
@@ -157,11 +244,260 @@ impl Store {
     pub fn device(&self, id: &str) -> anyhow::Result<Option<DeviceRow>> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, online, last_seen, hello, models, tags FROM devices WHERE id = ?1",
+                "SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices WHERE id = ?1",
                 [id],
                 device_row,
             )
             .optional()
+        })
+    }
+
+    /// Set (`Some`) or remove (`None`) server-side tags of a device; false if it is unknown.
+    pub fn set_server_tags(&self, id: &str, changes: &[(String, Option<String>)]) -> anyhow::Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let cur: Option<String> =
+                tx.query_row("SELECT server_tags FROM devices WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let Some(cur) = cur else { return Ok(false) };
+            let mut tags: std::collections::BTreeMap<String, Option<String>> =
+                serde_json::from_str(&cur).unwrap_or_default();
+            for (k, v) in changes {
+                tags.insert(k.clone(), v.clone());
+            }
+            let json = serde_json::to_string(&tags).unwrap_or_else(|_| "{}".into());
+            tx.execute("UPDATE devices SET server_tags = ?2 WHERE id = ?1", params![id, json])?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    // ---- drift ----
+
+    /// Store a report once (false when this message was stored before).
+    pub fn add_drift_report(
+        &self,
+        device: &str,
+        msg_id: &str,
+        model: &str,
+        r: &DriftReportRow,
+        now: i64,
+    ) -> anyhow::Result<bool> {
+        let n = self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO drift_reports (device_id, msg_id, model, version, window_start, window_end,
+                 bucket, inferences, signals, received) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    device,
+                    msg_id,
+                    model,
+                    r.version as i64,
+                    r.window_start,
+                    r.window_end,
+                    r.bucket,
+                    r.inferences as i64,
+                    r.signals,
+                    now
+                ],
+            )
+        })?;
+        Ok(n == 1)
+    }
+
+    /// Reports of a model (one version or all), from `since_bucket` on, oldest first.
+    pub fn drift_reports(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        since_bucket: i64,
+    ) -> anyhow::Result<Vec<DriftReportRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, version, window_start, window_end, bucket, inferences, signals FROM drift_reports
+                 WHERE model = ?1 AND (?2 IS NULL OR version = ?2) AND bucket >= ?3 ORDER BY bucket, seq",
+            )?;
+            st.query_map(params![model, version.map(|v| v as i64), since_bucket], |r| {
+                Ok(DriftReportRow {
+                    device_id: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                    window_start: r.get(2)?,
+                    window_end: r.get(3)?,
+                    bucket: r.get(4)?,
+                    inferences: r.get::<_, i64>(5)? as u64,
+                    signals: r.get(6)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// The `n`-th most recent bucket with reports of a model version (0 = the latest).
+    pub fn drift_bucket_back(&self, model: &str, version: u64, n: u32) -> anyhow::Result<Option<i64>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT DISTINCT bucket FROM drift_reports WHERE model = ?1 AND version = ?2
+                 ORDER BY bucket DESC LIMIT 1 OFFSET ?3",
+                params![model, version as i64, n],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// Models (name, version) with drift reports.
+    pub fn drift_models(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT DISTINCT model, version FROM drift_reports ORDER BY model, version")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?.collect()
+        })
+    }
+
+    pub fn firing_alert(
+        &self,
+        model: &str,
+        version: u64,
+        cohort: &str,
+        signal: &str,
+    ) -> anyhow::Result<Option<AlertRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {ALERT_COLUMNS} FROM drift_alerts WHERE model = ?1 AND version = ?2 AND cohort = ?3
+                     AND signal = ?4 AND state = 'firing'"
+                ),
+                params![model, version as i64, cohort, signal],
+                alert_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn raise_alert(&self, a: &AlertRow) -> anyhow::Result<i64> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO drift_alerts (model, version, cohort, signal, metrics, value, threshold, windows,
+                 first_window, last_window, state, raised) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'firing', ?11)",
+                params![
+                    a.model,
+                    a.version as i64,
+                    a.cohort,
+                    a.signal,
+                    a.metrics,
+                    a.value,
+                    a.threshold,
+                    a.windows,
+                    a.first_window,
+                    a.last_window,
+                    a.raised
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// A firing alert saw another window over its threshold.
+    pub fn extend_alert(&self, id: i64, windows: u32, last_window: i64, value: Option<f64>) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE drift_alerts SET windows = ?2, last_window = ?3, value = ?4 WHERE id = ?1",
+                params![id, windows, last_window, value],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn resolve_alert(&self, id: i64, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE drift_alerts SET state = 'resolved', resolved = ?2 WHERE id = ?1", params![id, now])
+        })?;
+        Ok(())
+    }
+
+    /// Alerts, newest first; only firing ones unless `all`.
+    pub fn alerts(&self, all: bool) -> anyhow::Result<Vec<AlertRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {ALERT_COLUMNS} FROM drift_alerts WHERE ?1 OR state = 'firing' ORDER BY id DESC"
+            ))?;
+            st.query_map([all], alert_row)?.collect()
+        })
+    }
+
+    // ---- reservoir samples ----
+
+    pub fn add_sample_upload(&self, upload_id: &str, device: &str, model: &str, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO sample_uploads (upload_id, device_id, model, requested) VALUES (?1, ?2, ?3, ?4)",
+                params![upload_id, device, model, now],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Store one part of an upload (samples replace earlier copies: feedback labels may have
+    /// arrived since). Parts of unknown uploads are refused (false).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_sample_part(
+        &self,
+        device: &str,
+        upload_id: &str,
+        model: &str,
+        version: u64,
+        samples: &[(String, i64, Vec<u8>)],
+        last: bool,
+        now: i64,
+    ) -> anyhow::Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let known = tx
+                .query_row(
+                    "SELECT 1 FROM sample_uploads WHERE upload_id = ?1 AND device_id = ?2 AND model = ?3",
+                    params![upload_id, device, model],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !known {
+                return Ok(false);
+            }
+            for (id, ts, body) in samples {
+                tx.execute(
+                    "INSERT OR REPLACE INTO samples (device_id, model, version, sample_id, upload_id, ts, body, received)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![device, model, version as i64, id, upload_id, ts, body, now],
+                )?;
+            }
+            tx.execute(
+                "UPDATE sample_uploads SET parts = parts + 1, samples = samples + ?3, done = done OR ?4
+                 WHERE upload_id = ?1 AND device_id = ?2",
+                params![upload_id, device, samples.len() as i64, last],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// (device, parts, samples, done) per device asked in an upload.
+    pub fn sample_upload(&self, upload_id: &str) -> anyhow::Result<Vec<(String, u32, u64, bool)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, parts, samples, done FROM sample_uploads WHERE upload_id = ?1 ORDER BY device_id",
+            )?;
+            st.query_map([upload_id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?)))?.collect()
+        })
+    }
+
+    /// (device, version, body) of a model's stored samples, oldest first.
+    pub fn samples(&self, model: &str, version: Option<u64>) -> anyhow::Result<Vec<(String, u64, Vec<u8>)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, version, body FROM samples WHERE model = ?1 AND (?2 IS NULL OR version = ?2)
+                 ORDER BY ts, device_id, sample_id",
+            )?;
+            st.query_map(params![model, version.map(|v| v as i64)], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })?
+            .collect()
         })
     }
 
@@ -400,16 +736,49 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> anyho
     Ok(())
 }
 
+/// The device's own tags with the server's on top (a server value of "" removes a tag).
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    let own: String = r.get(5)?;
+    let server: String = r.get(6)?;
+    let mut tags: std::collections::BTreeMap<String, String> = serde_json::from_str(&own).unwrap_or_default();
+    let over: std::collections::BTreeMap<String, Option<String>> = serde_json::from_str(&server).unwrap_or_default();
+    for (k, v) in over {
+        match v {
+            Some(v) => tags.insert(k, v),
+            None => tags.remove(&k),
+        };
+    }
     Ok(DeviceRow {
         id: r.get(0)?,
         online: r.get(1)?,
         last_seen: r.get(2)?,
         hello: r.get(3)?,
         models: r.get(4)?,
-        tags: r.get(5)?,
+        tags: serde_json::to_string(&tags).unwrap_or_else(|_| "{}".into()),
     })
 }
+
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
+    Ok(AlertRow {
+        id: r.get(0)?,
+        model: r.get(1)?,
+        version: r.get::<_, i64>(2)? as u64,
+        cohort: r.get(3)?,
+        signal: r.get(4)?,
+        metrics: r.get(5)?,
+        value: r.get(6)?,
+        threshold: r.get(7)?,
+        windows: r.get(8)?,
+        first_window: r.get(9)?,
+        last_window: r.get(10)?,
+        state: r.get(11)?,
+        raised: r.get(12)?,
+        resolved: r.get(13)?,
+    })
+}
+
+const ALERT_COLUMNS: &str = "id, model, version, cohort, signal, metrics, value, threshold, windows, first_window, \
+     last_window, state, raised, resolved";
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,8 @@ pub const MODEL_INT8: &[u8] = include_bytes!("../../models/digits_cnn_int8_qdq.o
 pub const MODEL_WIDE: &[u8] = include_bytes!("../../models/digits_cnn_wide.onnx");
 pub const MODEL_WIDE_FC_RETRAINED: &[u8] = include_bytes!("../../models/digits_cnn_wide_fc_retrained.onnx");
 const TEST_SET: &str = include_str!("../../models/digits_test.json");
+/// The whole held-out set, `[450, 1, 8, 8]` float32: the drift baseline.
+pub const BASELINE_NPY: &[u8] = include_bytes!("../../models/digits_baseline.npy");
 
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Sample {
@@ -57,4 +59,42 @@ pub fn classes(probabilities: &serde_json::Value) -> Vec<usize> {
     flat.chunks(10)
         .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0))
         .collect()
+}
+
+/// The held-out images of the drift baseline, 64 pixels each in [0, 1].
+pub fn baseline_images() -> Vec<Vec<f32>> {
+    let arr = flotilla_builder::npy::parse(BASELINE_NPY).expect("committed digits_baseline.npy parses");
+    arr.data.chunks(64).map(|c| c.iter().map(|&x| x as f32).collect()).collect()
+}
+
+/// The drift reference for the digits model: every baseline image, in batches.
+pub fn baseline_reference() -> flotilla_builder::baseline::Reference {
+    let images = baseline_images();
+    let batches = images
+        .chunks(32)
+        .map(|b| {
+            let data: Vec<f32> = b.concat();
+            vec![Tensor::new("input", vec![b.len(), 1, 8, 8], TensorData::F32(data)).expect("64 values each")]
+        })
+        .collect();
+    flotilla_builder::baseline::Reference { batches, labels: None }
+}
+
+/// What a changed camera does: the image inverted (dark digits on a light background).
+pub fn inverted(image: &[f32]) -> Vec<f32> {
+    image.iter().map(|x| 1.0 - x).collect()
+}
+
+/// A v2 infer request holding raw images as one batch.
+pub fn images_request(images: &[Vec<f32>]) -> InferRequest {
+    let data: Vec<f32> = images.concat();
+    InferRequest {
+        id: None,
+        inputs: vec![InferTensor {
+            name: "input".into(),
+            shape: vec![images.len() as u64, 1, 8, 8],
+            datatype: "FP32".into(),
+            data: serde_json::json!(data),
+        }],
+    }
 }

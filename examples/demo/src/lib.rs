@@ -153,6 +153,29 @@ impl Fleet {
         Ok(bytes)
     }
 
+    /// Build a bundle from options of the caller's and sign it with the fleet's key.
+    pub fn build_signed(&self, opts: &BuildOptions) -> anyhow::Result<Vec<u8>> {
+        sign(&flotilla_builder::build(opts)?.bytes, &self.key)
+    }
+
+    /// Set a server-side tag on a device (`flotilla devices tag ID KEY=VALUE`).
+    pub async fn tag(&self, device: &str, key: &str, value: &str) -> anyhow::Result<Device> {
+        let body = flotilla_api::v1::TagsUpdate { set: [(key.into(), value.into())].into(), remove: vec![] };
+        let r = self.http.post(format!("{}/api/v1/devices/{device}/tags", self.api())).json(&body).send().await?;
+        json_or_error(r).await
+    }
+
+    /// `GET /api/v1/drift` (`flotilla drift show`).
+    pub async fn drift(&self, model: &str, query: &str) -> anyhow::Result<Vec<flotilla_api::v1::DriftRow>> {
+        let url = format!("{}/api/v1/drift?model={model}{query}", self.api());
+        json_or_error(self.http.get(url).send().await?).await
+    }
+
+    /// `GET /api/v1/alerts?all=true` (`flotilla alerts ls --all`).
+    pub async fn alerts(&self) -> anyhow::Result<Vec<flotilla_api::v1::DriftAlert>> {
+        json_or_error(self.http.get(format!("{}/api/v1/alerts?all=true", self.api())).send().await?).await
+    }
+
     /// Push a trust root to the control plane (`flotilla trust push`).
     pub async fn push_root(&self, root: Vec<u8>) -> anyhow::Result<flotilla_api::v1::TrustRootPushed> {
         json_or_error(self.http.post(format!("{}/api/v1/trust/root", self.api())).body(root).send().await?).await

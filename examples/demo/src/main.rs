@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flotilla_builder::BuildOptions;
+use flotilla_builder::baseline::DriftOptions;
 use flotilla_demo::{Fleet, digits};
+use flotilla_drift::{DriftConfig, Window};
 
 /// Run a whole rollout on this machine and print what the devices answer.
 #[derive(Parser, Debug)]
@@ -24,8 +27,9 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttc=error,rmqtt=error,rmqtt_net=error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "warn,rumqttc=error,rmqtt=error,rmqtt_net=error,flotilla_server::drift=error".into()
+            }),
         )
         .init();
     let args = Args::parse();
@@ -58,10 +62,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         fleet.agents.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", ")
     ));
 
+    // Half the fleet is in the lab, half in the field (server-side tags, `flotilla devices tag`).
+    let ids: Vec<String> = fleet.agents.iter().map(|(id, _)| id.clone()).collect();
+    let groups: Vec<(&str, &str)> =
+        ids.iter().enumerate().map(|(i, id)| (id.as_str(), if i % 2 == 0 { "lab" } else { "field" })).collect();
+    for (id, g) in &groups {
+        fleet.tag(id, "group", g).await?;
+    }
+    step(format!("tagged {}", groups.iter().map(|(id, g)| format!("{id} group={g}")).collect::<Vec<_>>().join(", ")));
+
     let samples = digits::samples();
-    let bundle = fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..4]))?;
+    let mut opts = BuildOptions::new("digits", 1, digits::MODEL.to_vec(), flotilla_demo::unix_now());
+    opts.golden = digits::golden(&samples[..4]);
+    let drift = DriftConfig { window: Window::Seconds(DRIFT_WINDOW_SECS), ..DriftConfig::default() };
+    opts.drift = Some((digits::baseline_reference(), DriftOptions { config: drift, ..DriftOptions::default() }));
+    let bundle = fleet.build_signed(&opts)?;
     step(format!(
-        "built and signed digits@1 ({} bytes, 4 golden self-test cases, key {})",
+        "built and signed digits@1 ({} bytes, 4 golden self-test cases, drift baseline of 450 held-out images, key {})",
         bundle.len(),
         &fleet.key.key_id().0[..16]
     ));
@@ -99,6 +116,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     step(format!("asked every device {} held-out digits through POST /v2/models/digits/infer", labels.len()));
+
+    all_ok &= drift_phase(&fleet, &groups, &step).await?;
     fleet.shutdown().await;
     if args.keep_dir {
         println!("kept {}", dir.display());
@@ -109,6 +128,82 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         "demo finished with errors".into()
     });
     Ok(all_ok)
+}
+
+const DRIFT_WINDOW_SECS: u64 = 2;
+
+/// The lab keeps seeing images like the training data; the field's camera changed and its
+/// images come inverted. Every device computes drift sketches on its own; the control plane
+/// merges them per group and alerts for the field only.
+async fn drift_phase(fleet: &Fleet, groups: &[(&str, &str)], step: &impl Fn(String)) -> anyhow::Result<bool> {
+    let images = digits::baseline_images();
+    step(format!(
+        "drift phase: lab devices see held-out images, field devices see them inverted ({} s windows)",
+        DRIFT_WINDOW_SECS
+    ));
+    let start = Instant::now();
+    let mut k = 0usize;
+    while start.elapsed() < Duration::from_secs(3 * DRIFT_WINDOW_SECS) {
+        for (i, (id, g)) in groups.iter().enumerate() {
+            let batch: Vec<Vec<f32>> = (0..8)
+                .map(|j| {
+                    let img = &images[(k * 8 + j + i * 97) % images.len()];
+                    if *g == "field" { digits::inverted(img) } else { img.clone() }
+                })
+                .collect();
+            fleet.infer(id, "digits", &digits::images_request(&batch)).await?;
+        }
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let field = groups.iter().any(|(_, g)| *g == "field");
+    let alerted = fleet
+        .wait_for(Duration::from_secs(30), || async {
+            Ok(!field || fleet.alerts().await?.iter().any(|a| a.cohort == "group=field"))
+        })
+        .await
+        .is_ok();
+    tokio::time::sleep(Duration::from_secs(DRIFT_WINDOW_SECS)).await;
+    let rows = fleet.drift("digits", "&version=1").await?;
+    step("per-group drift of digits@1 (GET /api/v1/drift, `flotilla drift show --model digits`):".into());
+    println!(
+        "          {:<12} {:<11} {:<20} {:>6} {:>7} {:>6} {:>6}  alert",
+        "cohort", "signal", "window end", "count", "psi", "js", "ks"
+    );
+    for r in rows.iter().filter(|r| (r.signal == "input.c0" || r.signal == "class") && r.count >= 100) {
+        let n = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.3}"));
+        println!(
+            "          {:<12} {:<11} {:<20} {:>6} {:>7} {:>6} {:>6}  {}",
+            r.cohort,
+            r.signal,
+            r.window_end,
+            r.count,
+            n(r.psi),
+            n(r.js),
+            n(r.ks),
+            if r.alert { "ALERT" } else { "" }
+        );
+    }
+    let alerts = fleet.alerts().await?;
+    for a in &alerts {
+        println!(
+            "          alert {}: {} {} {}={:.2} > {} for {} windows",
+            a.id,
+            a.cohort,
+            a.signal,
+            a.metrics.join(","),
+            a.value.unwrap_or(f64::NAN),
+            a.threshold.unwrap_or(f64::NAN),
+            a.windows
+        );
+    }
+    let lab_quiet = alerts.iter().all(|a| a.cohort != "group=lab");
+    step(if alerted && lab_quiet {
+        "drift: the field group raised an alert, the lab group stayed quiet".into()
+    } else {
+        format!("drift: unexpected alerts (field alerted: {alerted}, lab quiet: {lab_quiet})")
+    });
+    Ok(alerted && lab_quiet)
 }
 
 fn fmt(v: &[usize]) -> String {

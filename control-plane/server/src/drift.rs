@@ -1,0 +1,376 @@
+//! Fleet-wide drift: devices send one report per window and model version (sketches per
+//! signal); the server stores them, merges them per (model, version, cohort, window) by adding
+//! the sketches, scores the merged sketches against the bundle's baseline, and raises an alert
+//! when a signal of a cohort is over a threshold for the profile's `consecutive` windows in a row.
+//!
+//! Windows: a time window's report ends on a multiple of its length, so devices' reports land in
+//! the same aggregation window as they are. Count windows end whenever the device's N-th
+//! inference happened; they count in the aggregation period (`drift_period`) their end falls in.
+//! Cohorts are the values of one tag (by default `group`); devices are placed by their tags at
+//! the time of the query.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use flotilla_api::v1::{DriftAlert, DriftRow, SampleRecord};
+use flotilla_api::v2::InferTensor;
+use flotilla_bundle::manifest::Role;
+use flotilla_drift::{Profile, Sketch, Window, compare};
+use flotilla_proto::tags::{Selector, Tags};
+use flotilla_proto::{DriftReport, Sample, SampleBatch, SignalSketch};
+
+use crate::Shared;
+use crate::store::{AlertRow, DriftReportRow};
+
+/// Largest baseline artifact read.
+const MAX_PROFILE_BYTES: u64 = 64 << 20;
+
+type ModelVersion = (String, u64);
+
+/// Baseline profiles by (model, version), read from the stored bundles once.
+#[derive(Default)]
+pub struct Profiles {
+    cache: Mutex<HashMap<ModelVersion, Option<Arc<Profile>>>>,
+    /// One report judged at a time, so two reports cannot raise the same alert twice.
+    judging: Mutex<()>,
+}
+
+impl Profiles {
+    pub fn get(&self, s: &Shared, model: &str, version: u64) -> anyhow::Result<Option<Arc<Profile>>> {
+        let key = (model.to_string(), version);
+        if let Some(p) = self.cache.lock().expect("profiles lock").get(&key) {
+            return Ok(p.clone());
+        }
+        let p = read_profile(s, model, version)?.map(Arc::new);
+        self.cache.lock().expect("profiles lock").insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+fn read_profile(s: &Shared, model: &str, version: u64) -> anyhow::Result<Option<Profile>> {
+    let Some(b) = s.store.bundle_by_name(model, version)? else { return Ok(None) };
+    let Some(path) = s.files.path(&b.id) else { return Ok(None) };
+    let mut f = std::io::BufReader::new(std::fs::File::open(&path)?);
+    let (doc, off) = flotilla_bundle::format::read_envelope(&mut f)?;
+    let m = flotilla_bundle::verify::decode_manifest(&doc.signed)?;
+    let Some(a) = m.artifact(Role::Baseline) else { return Ok(None) };
+    let bytes = flotilla_bundle::format::extract_artifact_to_vec(&mut f, off, a, None, MAX_PROFILE_BYTES)?;
+    let mut p: Profile = serde_json::from_slice(&bytes)?;
+    p.validate()?;
+    Ok(Some(p))
+}
+
+/// The aggregation window a report counts in (ms since the epoch).
+pub fn bucket_of(profile: &Profile, window_end_ms: u64, period_ms: u64) -> i64 {
+    let w = match profile.config.window {
+        Window::Seconds(s) => s.saturating_mul(1000),
+        Window::Count(_) => period_ms,
+    }
+    .max(1);
+    (window_end_ms.div_ceil(w).saturating_mul(w)) as i64
+}
+
+/// Store a device's report (once per message id) and re-judge its cohort's alerts.
+pub fn ingest(s: &Shared, device: &str, msg_id: &str, r: DriftReport, now: i64) -> anyhow::Result<()> {
+    let Some(profile) = s.profiles.get(s, &r.model, r.version)? else {
+        tracing::warn!(device, model = %r.model, version = r.version, "drift report for a bundle without a baseline here: ignored");
+        return Ok(());
+    };
+    anyhow::ensure!(r.window_end >= r.window_start, "window ends before it starts");
+    let mut kept = Vec::new();
+    for mut sig in r.signals {
+        let Some(sp) = profile.signal(&sig.name) else {
+            tracing::warn!(device, signal = %sig.name, "drift report names a signal the baseline lacks: dropped");
+            continue;
+        };
+        let fits = sig.sketch.validate().is_ok()
+            && sig.sketch.hist.edges == sp.baseline.hist.edges
+            && sig.sketch.quantiles.is_some() == sp.baseline.quantiles.is_some();
+        if !fits {
+            tracing::warn!(device, signal = %sig.name, "drift sketch does not fit the baseline: dropped");
+            continue;
+        }
+        kept.push(sig);
+    }
+    let mut signals = Vec::new();
+    ciborium::into_writer(&kept, &mut signals)?;
+    let row = DriftReportRow {
+        device_id: device.to_string(),
+        version: r.version,
+        window_start: r.window_start as i64,
+        window_end: r.window_end as i64,
+        bucket: bucket_of(&profile, r.window_end, s.drift_period_ms),
+        inferences: r.inferences,
+        signals,
+    };
+    let _one = s.profiles.judging.lock().expect("judging lock");
+    if !s.store.add_drift_report(device, msg_id, &r.model, &row, now)? {
+        return Ok(()); // seen before
+    }
+    let tags = device_tags(s)?.remove(device).unwrap_or_default();
+    judge_alerts(s, &r.model, r.version, &profile, &cohort_of(&tags, Some(&s.drift_cohort_key)), now)
+}
+
+fn device_tags(s: &Shared) -> anyhow::Result<HashMap<String, Tags>> {
+    Ok(s.store.devices()?.into_iter().map(|d| (d.id, serde_json::from_str(&d.tags).unwrap_or_default())).collect())
+}
+
+/// The cohort a device falls in when grouping by the tag `by` (all devices: no key).
+pub fn cohort_of(tags: &Tags, by: Option<&str>) -> String {
+    match by {
+        None => String::new(),
+        Some(k) => match tags.get(k) {
+            Some(v) => format!("{k}={v}"),
+            None => format!("!{k}"),
+        },
+    }
+}
+
+pub struct Query {
+    pub model: String,
+    pub version: Option<u64>,
+    pub selector: Selector,
+    /// Tag to group by; None merges all selected devices into one cohort.
+    pub by: Option<String>,
+    /// Only windows from this bucket (ms) on.
+    pub since: i64,
+}
+
+struct Merged {
+    start: i64,
+    inferences: u64,
+    devices: BTreeSet<String>,
+    sketches: BTreeMap<String, Sketch>,
+}
+
+/// Merged, scored rows ordered by version, cohort, signal (in profile order), window; each with
+/// its window's bucket (ms).
+pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
+    let tags = device_tags(s)?;
+    let none = Tags::new();
+    let mut groups: BTreeMap<(u64, String), BTreeMap<i64, Merged>> = BTreeMap::new();
+    for r in s.store.drift_reports(&q.model, q.version, q.since)? {
+        let t = tags.get(&r.device_id).unwrap_or(&none);
+        if !q.selector.matches(t) {
+            continue;
+        }
+        let signals: Vec<SignalSketch> = match ciborium::from_reader(r.signals.as_slice()) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(device = %r.device_id, error = %e, "unreadable stored drift report");
+                continue;
+            }
+        };
+        let m =
+            groups.entry((r.version, cohort_of(t, q.by.as_deref()))).or_default().entry(r.bucket).or_insert(Merged {
+                start: r.window_start,
+                inferences: 0,
+                devices: BTreeSet::new(),
+                sketches: BTreeMap::new(),
+            });
+        m.start = m.start.min(r.window_start);
+        m.inferences += r.inferences;
+        m.devices.insert(r.device_id.clone());
+        for sig in signals {
+            match m.sketches.get_mut(&sig.name) {
+                Some(have) => {
+                    if let Err(e) = have.merge(&sig.sketch) {
+                        tracing::warn!(signal = %sig.name, error = %e, "drift sketches do not merge");
+                    }
+                }
+                None => {
+                    m.sketches.insert(sig.name, sig.sketch);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for ((version, cohort), windows) in groups {
+        let Some(profile) = s.profiles.get(s, &q.model, version)? else { continue };
+        let cfg = &profile.config;
+        for sp in &profile.signals {
+            let mut run = 0u32;
+            for (&bucket, m) in &windows {
+                let Some(live) = m.sketches.get(&sp.signal.name) else { continue };
+                let scores = compare(&sp.baseline, live, cfg.min_count);
+                let exceeded = scores.exceeded(&cfg.thresholds);
+                // Windows without enough data neither extend nor break a run.
+                let scored = scores.psi.is_some() || scores.js.is_some();
+                if scored {
+                    run = if exceeded.is_empty() { 0 } else { run + 1 };
+                }
+                out.push((
+                    bucket,
+                    DriftRow {
+                        model: q.model.clone(),
+                        version,
+                        cohort: cohort.clone(),
+                        signal: sp.signal.name.clone(),
+                        window_start: crate::rfc3339_ms(m.start),
+                        window_end: crate::rfc3339_ms(bucket),
+                        count: live.count(),
+                        inferences: m.inferences,
+                        devices: m.devices.len() as u64,
+                        psi: scores.psi,
+                        js: scores.js,
+                        ks: scores.ks,
+                        wasserstein: scores.wasserstein,
+                        mean: live.moments.mean(),
+                        exceeded: exceeded.iter().map(|m| m.as_str().to_string()).collect(),
+                        alert: scored && !exceeded.is_empty() && run >= cfg.consecutive,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Re-judge the alerts of one cohort from its latest windows: raise, extend or resolve.
+fn judge_alerts(
+    s: &Shared,
+    model: &str,
+    version: u64,
+    profile: &Profile,
+    cohort: &str,
+    now: i64,
+) -> anyhow::Result<()> {
+    let k = profile.config.consecutive.max(1);
+    // Enough windows back to see a run of k in this cohort even when other cohorts report more.
+    let since = s.store.drift_bucket_back(model, version, k.saturating_mul(4))?.unwrap_or(0);
+    let selector = Selector::parse(cohort).map_err(anyhow::Error::msg)?;
+    let by = Some(s.drift_cohort_key.clone());
+    let rows = rows(s, &Query { model: model.into(), version: Some(version), selector, by, since })?;
+    for sp in &profile.signals {
+        let name = &sp.signal.name;
+        let mine: Vec<&(i64, DriftRow)> =
+            rows.iter().filter(|(_, r)| &r.signal == name && r.cohort == cohort).collect();
+        let Some(&&(latest_end, ref latest)) = mine.iter().rev().find(|(_, r)| r.psi.is_some() || r.js.is_some())
+        else {
+            continue;
+        };
+        let firing = s.store.firing_alert(model, version, cohort, name)?;
+        let metric = latest.exceeded.first().and_then(|m| flotilla_drift::Metric::parse(m));
+        let value = metric.and_then(|m| match m {
+            flotilla_drift::Metric::Psi => latest.psi,
+            flotilla_drift::Metric::Js => latest.js,
+            flotilla_drift::Metric::Ks => latest.ks,
+            flotilla_drift::Metric::Wasserstein => latest.wasserstein,
+        });
+        match (firing, latest.alert, latest.exceeded.is_empty()) {
+            (None, true, _) => {
+                let run: Vec<_> = mine.iter().rev().take_while(|(_, r)| !r.exceeded.is_empty()).collect();
+                let first = run.last().map_or(latest_end, |(b, _)| *b);
+                let id = s.store.raise_alert(&AlertRow {
+                    id: 0,
+                    model: model.into(),
+                    version,
+                    cohort: cohort.into(),
+                    signal: name.clone(),
+                    metrics: latest.exceeded.join(","),
+                    value,
+                    threshold: metric.and_then(|m| profile.config.thresholds.get(&m).copied()),
+                    windows: run.len() as u32,
+                    first_window: first,
+                    last_window: latest_end,
+                    state: "firing".into(),
+                    raised: now,
+                    resolved: None,
+                })?;
+                tracing::warn!(id, model, version, cohort, signal = %name, metrics = %latest.exceeded.join(","), "drift alert raised");
+            }
+            (Some(a), _, false) if latest_end > a.last_window => {
+                s.store.extend_alert(a.id, a.windows + 1, latest_end, value)?;
+            }
+            (Some(a), _, true) if latest_end > a.last_window => {
+                s.store.resolve_alert(a.id, now)?;
+                tracing::info!(id = a.id, model, version, cohort, signal = %name, "drift alert resolved");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Store a part of a reservoir sample the server asked for.
+pub fn ingest_samples(s: &Shared, device: &str, b: SampleBatch, now: i64) -> anyhow::Result<()> {
+    let mut rows = Vec::with_capacity(b.samples.len());
+    for sample in &b.samples {
+        let mut body = Vec::new();
+        ciborium::into_writer(sample, &mut body)?;
+        rows.push((sample.id.clone(), (sample.ts / 1000) as i64, body));
+    }
+    if !s.store.add_sample_part(device, &b.upload_id, &b.model, b.version, &rows, b.last, now)? {
+        tracing::warn!(device, upload = %b.upload_id, "samples for an upload this server did not ask for: ignored");
+    }
+    Ok(())
+}
+
+/// A stored sample as the API shows it: inputs as v2 tensors (usable as golden or baseline
+/// data, or by a trainer).
+pub fn sample_record(device: String, version: u64, model: &str, body: &[u8]) -> anyhow::Result<SampleRecord> {
+    let sample: Sample = ciborium::from_reader(body)?;
+    let inputs = sample
+        .inputs
+        .iter()
+        .map(|t| {
+            Ok(InferTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                datatype: t.datatype.clone(),
+                data: serde_json::Value::Array(le_numbers(&t.datatype, &t.data)?),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(SampleRecord {
+        device,
+        model: model.into(),
+        version,
+        id: sample.id,
+        ts: crate::rfc3339_ms(sample.ts as i64),
+        inputs,
+        predicted: sample.predicted,
+        labels: sample.labels,
+    })
+}
+
+/// Little-endian element bytes of an Open Inference Protocol datatype, as JSON numbers.
+fn le_numbers(datatype: &str, b: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
+    use serde_json::Value;
+    macro_rules! each {
+        ($t:ty, $n:expr) => {{
+            anyhow::ensure!(b.len().is_multiple_of($n), "{} bytes do not make {datatype} values", b.len());
+            b.chunks_exact($n).map(|c| Value::from(<$t>::from_le_bytes(c.try_into().expect("chunk size")))).collect()
+        }};
+    }
+    Ok(match datatype {
+        "FP32" => each!(f32, 4),
+        "FP64" => each!(f64, 8),
+        "INT64" => each!(i64, 8),
+        "INT32" => each!(i32, 4),
+        "INT16" => each!(i16, 2),
+        "INT8" => each!(i8, 1),
+        "UINT8" => each!(u8, 1),
+        "BOOL" => b.iter().map(|&x| Value::from(x != 0)).collect(),
+        other => anyhow::bail!("datatype {other} is not one samples carry"),
+    })
+}
+
+pub fn alert(a: AlertRow) -> DriftAlert {
+    DriftAlert {
+        id: a.id,
+        model: a.model,
+        version: a.version,
+        cohort: a.cohort,
+        signal: a.signal,
+        metrics: a.metrics.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
+        value: a.value,
+        threshold: a.threshold,
+        windows: a.windows,
+        first_window: crate::rfc3339_ms(a.first_window),
+        last_window: crate::rfc3339_ms(a.last_window),
+        state: a.state,
+        raised: crate::rfc3339_ms(a.raised * 1000),
+        resolved: a.resolved.map(|r| crate::rfc3339_ms(r * 1000)),
+    }
+}
