@@ -430,3 +430,65 @@ pub fn profile(
     }
     collector.finish(opts.config.clone(), opts.bins).map_err(|e| BuildError::Input(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, dtype: DType, shape: &[Dim]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+    }
+
+    fn names(v: &[(Signal, u32)]) -> Vec<&str> {
+        v.iter().map(|(s, _)| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn default_signals_follow_the_model_shape() {
+        let n = Dim::Symbolic("N".into());
+        let f = Dim::Fixed;
+        // An NHWC TFLite image model: channels on the last axis; a classifier output.
+        let tflite = ModelSignature {
+            format: ModelFormat::Tflite,
+            inputs: vec![spec("image", DType::U8, &[f(1), f(4), f(4), f(3)])],
+            outputs: vec![spec("scores", DType::F32, &[f(1), f(5)])],
+        };
+        let s = signals(&tflite, &DriftOptions::default()).unwrap();
+        assert_eq!(names(&s), ["image.c0", "image.c1", "image.c2", "class", "confidence", "accuracy"]);
+        assert!(matches!(s[2].0.source, Source::InputChannelMean { axis: 2, index: 2, .. }));
+        assert_eq!(s[3].1, 5, "five classes");
+        // Tabular: one signal per feature; a scalar input gets none; an embedding on request.
+        let tab = ModelSignature {
+            format: ModelFormat::Onnx,
+            inputs: vec![spec("x", DType::F32, &[n.clone(), f(3)]), spec("sr", DType::I64, &[f(1)])],
+            outputs: vec![spec("emb", DType::F32, &[n.clone(), f(2)])],
+        };
+        let opts = DriftOptions { embeddings: vec!["emb".into()], ..DriftOptions::default() };
+        let s = signals(&tab, &opts).unwrap();
+        assert_eq!(names(&s), ["x.f0", "x.f1", "x.f2", "class", "confidence", "accuracy", "emb.d0", "emb.d1"]);
+        let opts = DriftOptions { inputs: vec![("x".into(), Reduction::Mean)], ..DriftOptions::default() };
+        assert_eq!(names(&signals(&tab, &opts).unwrap())[0], "x.mean");
+        let opts = DriftOptions { inputs: vec![("nope".into(), Reduction::Mean)], ..DriftOptions::default() };
+        assert!(signals(&tab, &opts).is_err());
+        assert_eq!(Reduction::parse("x=channel-mean:1").unwrap(), ("x".into(), Reduction::ChannelMean(Some(1))));
+        assert!(Reduction::parse("x=median").is_err());
+    }
+
+    #[test]
+    fn csv_with_a_header_and_labels() {
+        let (rows, labels) = parse_csv("a,b,label\n1,2,0\n3,4.5,2\n\n").unwrap();
+        assert_eq!(rows, vec![vec![1.0, 2.0], vec![3.0, 4.5]]);
+        assert_eq!(labels, Some(vec![0, 2]));
+        let (rows, labels) = parse_csv("1,2\n3,4\n").unwrap();
+        assert_eq!((rows.len(), labels), (2, None));
+        assert!(parse_csv("a,b\n1,x\n").unwrap_err().contains("not a number"));
+        assert!(parse_csv("1,2\n3\n").unwrap_err().contains("row 2"));
+        assert!(parse_csv("a,label\n1,0.5\n").unwrap_err().contains("class index"));
+        // Batches cut to the model's fixed batch size; samples that do not fit say so.
+        let input = spec("x", DType::F32, &[Dim::Fixed(2), Dim::Fixed(2)]);
+        let b = samples(&input, 5, &[2], &[0.0; 10], Path::new("d.csv")).unwrap();
+        assert_eq!(b.len(), 2, "a fixed batch of 2: the fifth sample cannot run");
+        let e = samples(&input, 5, &[3], &[0.0; 15], Path::new("d.csv")).unwrap_err();
+        assert!(e.to_string().contains("samples of shape [2]"), "{e}");
+    }
+}

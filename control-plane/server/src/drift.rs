@@ -374,3 +374,37 @@ pub fn alert(a: AlertRow) -> DriftAlert {
         resolved: a.resolved.map(|r| crate::rfc3339_ms(r * 1000)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_drift::DriftConfig;
+
+    fn profile(window: Window) -> Profile {
+        Profile { config: DriftConfig { window, ..DriftConfig::default() }, signals: vec![] }
+    }
+
+    #[test]
+    fn reports_land_in_aligned_buckets() {
+        // Time windows: the device already ends them on multiples; a stray end rounds up.
+        let p = profile(Window::Seconds(30));
+        assert_eq!(bucket_of(&p, 60_000, 60_000), 60_000);
+        assert_eq!(bucket_of(&p, 60_001, 60_000), 90_000);
+        // Count windows: the aggregation period their end falls in.
+        let p = profile(Window::Count(200));
+        assert_eq!(bucket_of(&p, 61_000, 60_000), 120_000);
+        assert_eq!(bucket_of(&p, 120_000, 60_000), 120_000);
+    }
+
+    #[test]
+    fn cohorts_are_selectors() {
+        let tags: Tags = [("group".to_string(), "lab".to_string())].into();
+        assert_eq!(cohort_of(&tags, Some("group")), "group=lab");
+        assert_eq!(cohort_of(&tags, Some("site")), "!site");
+        assert_eq!(cohort_of(&tags, None), "");
+        // A device's cohort, read as a selector, selects it.
+        for c in ["group=lab", "!site", ""] {
+            assert!(Selector::parse(c).unwrap().matches(&tags), "{c}");
+        }
+    }
+}
