@@ -15,7 +15,7 @@ cp target/edge/flotilla-agent "$work/flotilla-agent.stripped"
 echo "agent binary (edge profile, stripped): $(stat -c %s "$work/flotilla-agent.stripped") bytes"
 
 wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "timeout: $1" >&2; exit 1; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_kib() { awk '/^VmRSS/ {r=$2} /^RssAnon/ {a=$2} /^RssFile/ {f=$2} END {print r " (anonymous " a ", file-backed " f ")"}' "/proc/$1/status"; }
 
 "$bin/flotilla" keygen --out "$work/ops" >/dev/null
 "$bin/flotilla" trust init --key "$work/ops.key" --out "$work/root.cbor" >/dev/null

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use flotilla_drift::{Live, Pending, Profile, Window};
+use flotilla_drift::{Live, Pending, Profile, Tensors, Window};
 use flotilla_proto::{DriftReport, Sample, SampleBatch, SampleTensor, SignalSketch};
 use flotilla_runtime::Tensor;
 
@@ -63,6 +63,15 @@ impl Reservoir {
         }
         let j = (self.next() % self.seen) as usize;
         (j < size).then_some(j)
+    }
+}
+
+/// The runtime's tensors, looked up by name without building views of all of them.
+struct RuntimeTensors<'a>(&'a [Tensor]);
+
+impl Tensors for RuntimeTensors<'_> {
+    fn tensor(&self, name: &str) -> Option<flotilla_drift::TensorView<'_>> {
+        self.0.iter().find(|t| t.name == name).map(Tensor::drift_view)
     }
 }
 
@@ -132,8 +141,7 @@ impl ModelDrift {
     /// Input signal values (and the inputs themselves, when the reservoir draws this request),
     /// read before the inputs go to the runtime.
     pub fn read_inputs(&self, inputs: &[Tensor]) -> Observation {
-        let views: Vec<_> = inputs.iter().map(Tensor::drift_view).collect();
-        let pending = self.profile.read_inputs(&views);
+        let pending = self.profile.read_inputs(&RuntimeTensors(inputs));
         let keep = if self.profile.config.sample.is_some() {
             let bytes: usize = inputs.iter().map(|t| t.data.len() * t.data.dtype().size()).sum();
             let slot = self.state.lock().expect("drift lock").reservoir.draw(bytes);
@@ -146,10 +154,11 @@ impl ModelDrift {
 
     /// Records one successful inference.
     pub fn record(&self, obs: Observation, outputs: &[Tensor], request_id: Option<&str>, now_ms: u64) {
-        let views: Vec<_> = outputs.iter().map(Tensor::drift_view).collect();
         let mut st = self.state.lock().expect("drift lock");
         self.roll_if_due(&mut st, now_ms);
-        let predicted = st.live.record(&self.profile, &obs.pending, &views);
+        // Predictions are kept for feedback (by request id) and for the reservoir.
+        let want = request_id.is_some() || obs.keep.is_some();
+        let predicted = st.live.record(&self.profile, &obs.pending, &RuntimeTensors(outputs), want);
         if let Some((slot, inputs)) = obs.keep {
             let sample = Sample {
                 id: request_id.unwrap_or_default().to_string(),

@@ -21,7 +21,7 @@ pub use moments::Moments;
 pub use quantile::QuantileSketch;
 pub use signal::{
     Collector, DriftConfig, Kind, Live, Metric, Pending, Profile, SamplePolicy, Scores, Signal, SignalProfile, Sketch,
-    Source, TensorView, Values, Window, compare,
+    Source, TensorView, Tensors, Values, Window, compare,
 };
 
 /// Most bins in one histogram.

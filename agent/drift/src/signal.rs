@@ -262,11 +262,11 @@ impl Profile {
     }
 
     /// The input signals' values for one inference (see [`Live::record`]).
-    pub fn read_inputs(&self, inputs: &[TensorView]) -> Pending {
+    pub fn read_inputs<T: Tensors + ?Sized>(&self, inputs: &T) -> Pending {
         let mut out = Vec::new();
         for (i, sp) in self.signals.iter().enumerate() {
             if sp.signal.source.reads_inputs() {
-                sp.signal.source.extract(inputs, &[], |x| out.push((i as u32, x)));
+                sp.signal.source.extract(inputs, &NoTensors, |x| out.push((i as u32, x)));
             }
         }
         Pending(out)
@@ -351,8 +351,35 @@ impl TensorView<'_> {
     }
 }
 
-fn find<'a, 'b>(views: &'b [TensorView<'a>], name: &str) -> Option<&'b TensorView<'a>> {
-    views.iter().find(|v| v.name == name)
+/// Tensors by name: slices of views, or a caller's own tensors (no views built per call).
+pub trait Tensors {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>>;
+}
+
+impl Tensors for [TensorView<'_>] {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        self.iter().find(|v| v.name == name).copied()
+    }
+}
+
+impl<const N: usize> Tensors for [TensorView<'_>; N] {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        self[..].tensor(name)
+    }
+}
+
+impl Tensors for Vec<TensorView<'_>> {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        self[..].tensor(name)
+    }
+}
+
+struct NoTensors;
+
+impl Tensors for NoTensors {
+    fn tensor(&self, _: &str) -> Option<TensorView<'_>> {
+        None
+    }
 }
 
 /// Argmax and top score of a row (after softmax when asked).
@@ -384,17 +411,17 @@ impl Source {
 
     /// Calls `f` with the signal's value for each sample. Accuracy values come from feedback,
     /// not from tensors.
-    fn extract(&self, inputs: &[TensorView], outputs: &[TensorView], mut f: impl FnMut(f64)) {
-        let (views, name) = match self {
+    fn extract<I: Tensors + ?Sized, O: Tensors + ?Sized>(&self, inputs: &I, outputs: &O, mut f: impl FnMut(f64)) {
+        let found = match self {
             Source::InputMean { tensor }
             | Source::InputChannelMean { tensor, .. }
-            | Source::InputFeature { tensor, .. } => (inputs, tensor),
+            | Source::InputFeature { tensor, .. } => inputs.tensor(tensor),
             Source::Class { output } | Source::Confidence { output, .. } | Source::OutputDim { output, .. } => {
-                (outputs, output)
+                outputs.tensor(output)
             }
             Source::Accuracy => return,
         };
-        let Some(t) = find(views, name) else { return };
+        let Some(t) = found else { return };
         let Some((n, row, shape)) = t.rows() else { return };
         let v = &t.values;
         for s in 0..n {
@@ -447,14 +474,26 @@ impl Live {
 
     /// Feeds one inference (any batch size) into every signal. Returns the predicted class of
     /// each sample when the profile has a class signal (what feedback is later checked against).
-    pub fn observe(&mut self, profile: &Profile, inputs: &[TensorView], outputs: &[TensorView]) -> Vec<u32> {
+    pub fn observe<I: Tensors + ?Sized, O: Tensors + ?Sized>(
+        &mut self,
+        profile: &Profile,
+        inputs: &I,
+        outputs: &O,
+    ) -> Vec<u32> {
         let pending = profile.read_inputs(inputs);
-        self.record(profile, &pending, outputs)
+        self.record(profile, &pending, outputs, true)
     }
 
     /// [`Live::observe`] in two steps, for callers whose runtime consumes the inputs: the input
-    /// signals' values read before the run, recorded with the outputs after it.
-    pub fn record(&mut self, profile: &Profile, pending: &Pending, outputs: &[TensorView]) -> Vec<u32> {
+    /// signals' values read before the run, recorded with the outputs after it. The predicted
+    /// classes are collected only when `predictions` is set.
+    pub fn record<O: Tensors + ?Sized>(
+        &mut self,
+        profile: &Profile,
+        pending: &Pending,
+        outputs: &O,
+        predictions: bool,
+    ) -> Vec<u32> {
         self.inferences += 1;
         for &(i, x) in &pending.0 {
             if let Some(s) = self.sketches.get_mut(i as usize) {
@@ -467,14 +506,14 @@ impl Live {
             if sp.signal.source.reads_inputs() {
                 continue;
             }
-            let record = first_class && matches!(sp.signal.source, Source::Class { .. });
-            sp.signal.source.extract(&[], outputs, |x| {
+            let record = predictions && first_class && matches!(sp.signal.source, Source::Class { .. });
+            sp.signal.source.extract(&NoTensors, outputs, |x| {
                 sketch.add(x);
                 if record {
                     predicted.push(x as u32);
                 }
             });
-            first_class &= !record;
+            first_class &= !matches!(sp.signal.source, Source::Class { .. });
         }
         predicted
     }
@@ -518,7 +557,7 @@ impl Collector {
         Collector { signals, values }
     }
 
-    pub fn observe(&mut self, inputs: &[TensorView], outputs: &[TensorView]) {
+    pub fn observe<I: Tensors + ?Sized, O: Tensors + ?Sized>(&mut self, inputs: &I, outputs: &O) {
         for ((signal, _), values) in self.signals.iter().zip(&mut self.values) {
             signal.source.extract(inputs, outputs, |x| values.push(x));
         }
@@ -610,13 +649,15 @@ mod tests {
         let data = [1.0f32, 2.0, 3.0, 4.0, 10.0, 10.0, 20.0, 20.0];
         let view = TensorView { name: "x", shape: &[2, 2, 2], values: Values::F32(&data) };
         let mut got = Vec::new();
-        Source::InputChannelMean { tensor: "x".into(), axis: 0, index: 1 }.extract(&[view], &[], |x| got.push(x));
+        Source::InputChannelMean { tensor: "x".into(), axis: 0, index: 1 }
+            .extract(&[view], &NoTensors, |x| got.push(x));
         assert_eq!(got, vec![3.5, 20.0]);
         got.clear();
-        Source::InputChannelMean { tensor: "x".into(), axis: 1, index: 0 }.extract(&[view], &[], |x| got.push(x));
+        Source::InputChannelMean { tensor: "x".into(), axis: 1, index: 0 }
+            .extract(&[view], &NoTensors, |x| got.push(x));
         assert_eq!(got, vec![2.0, 15.0]);
         got.clear();
-        Source::InputMean { tensor: "x".into() }.extract(&[view], &[], |x| got.push(x));
+        Source::InputMean { tensor: "x".into() }.extract(&[view], &NoTensors, |x| got.push(x));
         assert_eq!(got, vec![2.5, 15.0]);
     }
 
@@ -625,10 +666,10 @@ mod tests {
         let logits = [0.0f32, 2.0, 1.0, 5.0, 0.0, 0.0];
         let out = TensorView { name: "y", shape: &[2, 3], values: Values::F32(&logits) };
         let mut got = Vec::new();
-        Source::Class { output: "y".into() }.extract(&[], &[out], |x| got.push(x));
+        Source::Class { output: "y".into() }.extract(&NoTensors, &[out], |x| got.push(x));
         assert_eq!(got, vec![1.0, 0.0]);
         got.clear();
-        Source::Confidence { output: "y".into(), softmax: true }.extract(&[], &[out], |x| got.push(x));
+        Source::Confidence { output: "y".into(), softmax: true }.extract(&NoTensors, &[out], |x| got.push(x));
         let want = 2f64.exp() / (1.0 + 2f64.exp() + 1f64.exp());
         assert!((got[0] - want).abs() < 1e-12);
     }
