@@ -117,6 +117,19 @@ fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {
                     });
                 }
                 Command::UploadSamples(req) => crate::drift::upload_samples(ctx, &req),
+                Command::Rollback(cmd) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        match ctx.registry.get(&cmd.model) {
+                            Some(m) if m.version == cmd.from_version => {
+                                crate::watchdog::roll_back(&ctx, &m, format!("control plane: {}", cmd.reason)).await
+                            }
+                            _ => {
+                                tracing::info!(model = %cmd.model, version = cmd.from_version, "rollback for a version not active here: nothing to do")
+                            }
+                        }
+                    });
+                }
                 Command::TrustRoots(t) => {
                     let ctx = ctx.clone();
                     tokio::spawn(async move {

@@ -54,7 +54,8 @@ fn finish_bake(ctx: &Ctx, m: &ActiveModel) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn roll_back(ctx: &Arc<Ctx>, m: &ActiveModel, reason: String) {
+/// Go back to the previous version of `m` (durably), and report it.
+pub(crate) async fn roll_back(ctx: &Arc<Ctx>, m: &ActiveModel, reason: String) {
     let _one = ctx.install_lock.lock().await;
     // An install may have replaced the model while we waited.
     if ctx.registry.get(&m.name).is_none_or(|cur| cur.version != m.version) {

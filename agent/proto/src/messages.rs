@@ -141,6 +141,16 @@ pub enum Command {
     TrustRoots(TrustRoots),
     /// Send the reservoir sample of a model (only kept when its bundle's drift policy allows).
     UploadSamples(SampleRequest),
+    /// Go back to the previous version of a model if `from_version` is the active one (a
+    /// rollout's gate failed). Answered with `ModelRolledBack`.
+    Rollback(RollbackCommand),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackCommand {
+    pub model: String,
+    pub from_version: u64,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

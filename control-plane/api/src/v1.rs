@@ -62,9 +62,13 @@ pub struct Bundle {
 pub struct RolloutCreate {
     /// `NAME@VERSION`.
     pub bundle: String,
-    /// Device ids to target; empty means every registered device.
+    /// Device ids to target; empty means every device the plan's target selects.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// A `flotilla_rollout::Plan` (waves, bake, gates, on_failure, target). Default: one wave
+    /// of every device, gated on `install_success>=1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,8 +81,13 @@ pub struct Rollout {
     pub id: String,
     pub bundle: String,
     pub bundle_id: String,
-    /// `running`, `completed`, or `failed` (some device failed, the rest finished).
+    /// `pending`, `running`, `paused`, `completed`, `aborted` or `rolled_back`.
     pub state: String,
+    /// Why it paused, stopped or rolled back.
+    pub reason: Option<String>,
+    /// 1 for the first wave.
+    pub current_wave: u32,
+    pub waves: Vec<RolloutWave>,
     pub created: String,
     pub total: u64,
     pub pending: u64,
@@ -86,6 +95,30 @@ pub struct Rollout {
     pub succeeded: u64,
     pub failed: u64,
     pub devices: Vec<RolloutDevice>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutWave {
+    /// As planned: `5%`, `10` (devices) or a selector.
+    pub spec: String,
+    /// Devices in the wave so far.
+    pub size: u64,
+    pub offered: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// `waiting`, `installing`, `baking`, `passed`.
+    pub status: String,
+    pub gates: Vec<RolloutGate>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutGate {
+    /// As written, e.g. `latency_p95<=1.2x`.
+    pub name: String,
+    /// None while there is not enough evidence.
+    pub value: Option<f64>,
+    pub threshold: f64,
+    pub passed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

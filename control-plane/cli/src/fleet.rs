@@ -6,6 +6,8 @@ use flotilla_api::v1::{
     SamplesPull, SamplesPulled, TagsUpdate,
 };
 
+use flotilla_rollout::{Gate, OnFailure, Plan, Wave};
+
 use crate::client::Client;
 use crate::output::{self, Output};
 
@@ -97,7 +99,11 @@ pub enum AlertsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RolloutCmd {
-    /// Start rolling a pushed bundle out (all registered devices, one wave). Prints the id.
+    /// Start rolling a pushed bundle out and print its id. Without a plan: one wave of every
+    /// device, paused if any install fails. With waves, each wave is offered once the one before
+    /// it has installed, baked and passed every gate:
+    ///   flotilla rollout start --bundle digits@2 --waves 5%,25%,100% --bake 10m \
+    ///       --gate 'latency_p95<=1.2x' --gate 'error_rate<=0.01' --gate 'psi<=0.2' --on-failure rollback
     Start {
         /// NAME@VERSION of a pushed bundle.
         #[arg(long, value_name = "NAME@VERSION")]
@@ -105,9 +111,52 @@ pub enum RolloutCmd {
         /// Limit to these devices (repeatable).
         #[arg(long = "device", value_name = "ID")]
         devices: Vec<String>,
+        /// Waves, cumulative: percentages (5%), device counts (10) or tag selectors
+        /// (group=canary), comma-separated. Default: 100%.
+        #[arg(long, value_name = "WAVES")]
+        waves: Option<String>,
+        /// How long each wave's devices run the new version before its gates are judged (30s,
+        /// 10m).
+        #[arg(long, value_name = "DURATION")]
+        bake: Option<String>,
+        /// A gate every wave must pass (repeatable): install_success>=0.95, self_test_pass>=1,
+        /// error_rate<=0.01, latency_p95<=1.2x (vs the previous version) or <=80ms, psi<=0.2
+        /// (also js, ks, wasserstein), accelerator_fallback<=0. Default: install_success>=1.
+        #[arg(long = "gate", value_name = "GATE")]
+        gates: Vec<String>,
+        /// When a gate fails: pause (devices keep what they have) or rollback (updated devices
+        /// go back to their previous version).
+        #[arg(long, value_name = "POLICY", value_parser = ["pause", "rollback"])]
+        on_failure: Option<String>,
+        /// Only devices whose tags (and facts: id, arch) match, e.g. -l 'arch=aarch64,group!=lab'.
+        #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+        selector: Option<String>,
+        /// Devices that must report health on the new version before a health gate may pass.
+        #[arg(long, value_name = "N")]
+        min_reporting: Option<u32>,
+        /// The whole plan as a TOML or JSON file (flags given too override it).
+        #[arg(long, value_name = "FILE")]
+        plan: Option<std::path::PathBuf>,
     },
-    /// Show a rollout's progress per device.
+    /// Show a rollout: state, reason, waves with their gates, and each device.
     Status { id: String },
+    /// Follow a rollout's waves until it finishes, pauses or rolls back.
+    Watch {
+        id: String,
+        /// Seconds between updates.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Stop offering the bundle; devices keep what they have.
+    Pause { id: String },
+    /// Continue a paused rollout (its current wave's gates are judged again after a bake).
+    Resume { id: String },
+    /// Stop the rollout for good.
+    Abort { id: String },
+    /// Start the next wave now, whatever the gates say.
+    Promote { id: String },
+    /// Send every device the rollout updated back to its previous version.
+    Rollback { id: String },
     /// List rollouts.
     Ls,
 }
@@ -362,11 +411,71 @@ pub fn alerts(cmd: AlertsCmd, server: Option<&str>, out: Output) -> anyhow::Resu
     }
 }
 
+fn progress_line(r: &Rollout) -> String {
+    let waves: Vec<String> = r
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| format!("w{}[{} {}/{} ok {} failed]", i + 1, w.status, w.succeeded, w.size, w.failed))
+        .collect();
+    format!("{} {} wave {}/{}  {}", r.id, r.state, r.current_wave, r.waves.len(), waves.join("  "))
+}
+
 pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
     let client = Client::new(server)?;
+    let command = match &cmd {
+        RolloutCmd::Pause { id } => Some((id.clone(), "pause")),
+        RolloutCmd::Resume { id } => Some((id.clone(), "resume")),
+        RolloutCmd::Abort { id } => Some((id.clone(), "abort")),
+        RolloutCmd::Promote { id } => Some((id.clone(), "promote")),
+        RolloutCmd::Rollback { id } => Some((id.clone(), "rollback")),
+        _ => None,
+    };
+    if let Some((id, verb)) = command {
+        let r: Rollout = client.post(&format!("/api/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))?;
+        return match out {
+            Output::Json => output::json(&r),
+            Output::Table => {
+                println!("{}", progress_line(&r));
+                Ok(())
+            }
+        };
+    }
     match cmd {
-        RolloutCmd::Start { bundle, devices } => {
-            let created: RolloutCreated = client.post("/api/v1/rollouts", &RolloutCreate { bundle, devices })?;
+        RolloutCmd::Start { bundle, devices, waves, bake, gates, on_failure, selector, min_reporting, plan } => {
+            let mut p = match &plan {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| anyhow::anyhow!("reading plan {}: {e}", path.display()))?;
+                    if text.trim_start().starts_with('{') {
+                        serde_json::from_str::<Plan>(&text)?
+                    } else {
+                        toml::from_str::<Plan>(&text).map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?
+                    }
+                }
+                None => Plan { gates: vec![Gate::parse("install_success>=1")?], ..Plan::all_at_once() },
+            };
+            if let Some(w) = &waves {
+                p.waves = Wave::parse_list(w)?;
+            }
+            if let Some(b) = &bake {
+                p.bake_secs = crate::bundle::parse_duration(b)?.as_secs();
+            }
+            if !gates.is_empty() {
+                p.gates = gates.iter().map(|g| Gate::parse(g)).collect::<Result<_, _>>()?;
+            }
+            if let Some(f) = on_failure.as_deref() {
+                p.on_failure = if f == "rollback" { OnFailure::Rollback } else { OnFailure::Pause };
+            }
+            if let Some(sel) = selector {
+                p.target = sel;
+            }
+            if let Some(n) = min_reporting {
+                p.min_reporting = n;
+            }
+            p.validate()?;
+            let req = RolloutCreate { bundle, devices, plan: Some(serde_json::to_value(&p)?) };
+            let created: RolloutCreated = client.post("/api/v1/rollouts", &req)?;
             match out {
                 Output::Json => output::json(&created),
                 Output::Table => {
@@ -375,15 +484,80 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
                 }
             }
         }
+        RolloutCmd::Pause { .. }
+        | RolloutCmd::Resume { .. }
+        | RolloutCmd::Abort { .. }
+        | RolloutCmd::Promote { .. }
+        | RolloutCmd::Rollback { .. } => unreachable!("commands are sent above"),
+        RolloutCmd::Watch { id, interval } => {
+            let mut last = String::new();
+            loop {
+                let r: Rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
+                let line = progress_line(&r);
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                if r.state != "running" && r.state != "pending" {
+                    if let Some(why) = &r.reason {
+                        println!("reason: {why}");
+                    }
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_secs_f64(interval.max(0.1)));
+            }
+        }
         RolloutCmd::Status { id } => {
             let r: Rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
             match out {
                 Output::Json => output::json(&r),
                 Output::Table => {
                     println!(
-                        "rollout {} of {}: {} ({} of {} succeeded, {} failed, {} in progress, {} pending)",
-                        r.id, r.bundle, r.state, r.succeeded, r.total, r.failed, r.offered, r.pending
+                        "rollout {} of {}: {} at wave {} of {} ({} of {} succeeded, {} failed, {} in progress)",
+                        r.id,
+                        r.bundle,
+                        r.state,
+                        r.current_wave,
+                        r.waves.len(),
+                        r.succeeded,
+                        r.total,
+                        r.failed,
+                        r.offered + r.pending
                     );
+                    if let Some(why) = &r.reason {
+                        println!("reason: {why}");
+                    }
+                    output::table(
+                        &["WAVE", "SPEC", "STATUS", "SIZE", "OFFERED", "SUCCEEDED", "FAILED", "GATES"],
+                        r.waves
+                            .iter()
+                            .enumerate()
+                            .map(|(i, w)| {
+                                vec![
+                                    (i + 1).to_string(),
+                                    w.spec.clone(),
+                                    w.status.clone(),
+                                    w.size.to_string(),
+                                    w.offered.to_string(),
+                                    w.succeeded.to_string(),
+                                    w.failed.to_string(),
+                                    w.gates
+                                        .iter()
+                                        .map(|g| {
+                                            format!(
+                                                "{} {} ({})",
+                                                if g.passed { "✓" } else { "·" },
+                                                g.name,
+                                                g.value.map_or("no data".into(), |v| format!("{v:.3}"))
+                                            )
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join("; "),
+                                ]
+                            })
+                            .collect(),
+                    );
+                    println!();
                     output::table(
                         &["DEVICE", "STATE", "REASON"],
                         r.devices

@@ -38,6 +38,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/bundles/{id}", get(download_bundle))
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
         .route("/api/v1/rollouts/{id}", get(get_rollout))
+        .route("/api/v1/rollouts/{id}/{command}", axum::routing::post(command_rollout))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/trust/root", get(get_root).post(push_root))
         .layer(DefaultBodyLimit::max(MAX_BUNDLE))
@@ -439,28 +440,53 @@ async fn create_rollout(
             Some("push it first with `flotilla bundle push B.flb`"),
         )
     })?;
-    let devices: Vec<String> = if req.devices.is_empty() {
-        s.store.devices()?.into_iter().map(|d| d.id).collect()
-    } else {
-        for d in &req.devices {
-            if s.store.device(d)?.is_none() {
-                return Err(Error::new(StatusCode::NOT_FOUND, "device_not_found", format!("no device {d:?}"), None));
-            }
+    for d in &req.devices {
+        if s.store.device(d)?.is_none() {
+            return Err(Error::new(StatusCode::NOT_FOUND, "device_not_found", format!("no device {d:?}"), None));
         }
-        req.devices.clone()
+    }
+    let bad_plan = |e: String| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_plan",
+            e,
+            Some("e.g. --waves 5%,25%,100% --bake 10m --gate 'latency_p95<=1.2x' --gate 'psi<=0.2'"),
+        )
     };
-    if devices.is_empty() {
+    let mut plan: flotilla_rollout::Plan = match req.plan {
+        Some(v) => serde_json::from_value(v).map_err(|e| bad_plan(e.to_string()))?,
+        None => flotilla_rollout::Plan {
+            gates: vec![flotilla_rollout::Gate::parse("install_success>=1").expect("a valid gate")],
+            ..flotilla_rollout::Plan::all_at_once()
+        },
+    };
+    if !req.devices.is_empty() {
+        let ids = format!("id in ({})", req.devices.join(","));
+        plan.target = if plan.target.trim().is_empty() { ids } else { format!("{},{ids}", plan.target) };
+    }
+    plan.validate().map_err(|e| bad_plan(e.to_string()))?;
+    let target = Selector::parse(&plan.target).map_err(bad_plan)?;
+    let matching =
+        s.store.devices()?.iter().filter(|d| target.matches(&crate::driver::device_view(d, None).tags)).count();
+    if matching == 0 {
         return Err(Error::new(
             StatusCode::CONFLICT,
             "no_devices",
-            "no devices are registered, so the rollout would target nothing",
-            Some("start an agent against this server's broker first"),
+            "no registered device matches the rollout's target, so it would target nothing",
+            Some(
+                "start an agent against this server's broker first, or check the target with `flotilla devices ls -l`",
+            ),
         ));
     }
     let id = format!("r-{}", crate::new_id());
-    s.store.create_rollout(&id, &b.id, &devices, now_s())?;
+    let engine = flotilla_rollout::RolloutState::new(&plan);
+    let (plan_json, engine_json) = (
+        serde_json::to_string(&plan).map_err(anyhow::Error::from)?,
+        serde_json::to_string(&engine).map_err(anyhow::Error::from)?,
+    );
+    s.store.create_rollout(&id, &b.id, &plan_json, &engine_json, now_s())?;
     s.wake.notify_one();
-    tracing::info!(rollout = %id, bundle = %req.bundle, devices = devices.len(), "rollout started");
+    tracing::info!(rollout = %id, bundle = %req.bundle, devices = matching, waves = plan.waves.len(), "rollout started");
     Ok((StatusCode::CREATED, Json(RolloutCreated { id })))
 }
 
@@ -469,11 +495,69 @@ fn rollout_view(s: &Shared, id: &str) -> anyhow::Result<Option<Rollout>> {
     let b = s.store.bundle(&r.bundle_id)?;
     let devices = s.store.rollout_devices(id)?;
     let count = |st: &[&str]| devices.iter().filter(|d| st.contains(&d.state.as_str())).count() as u64;
+    let (plan, engine) = crate::driver::engine_of(&r, &devices)?;
+    let views: Vec<flotilla_rollout::DeviceView> = s
+        .store
+        .devices()?
+        .iter()
+        .map(|d| crate::driver::device_view(d, devices.iter().find(|r| r.device_id == d.id)))
+        .collect();
+    let stats = flotilla_rollout::wave_stats(&engine, &views);
+    let waves = plan
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(k, w)| {
+            let rec = engine.waves.get(k).cloned().unwrap_or_default();
+            let st = stats.get(k).cloned().unwrap_or_default();
+            let status = if rec.passed.is_some() {
+                "passed"
+            } else if rec.settled.is_some() {
+                "baking"
+            } else if rec.started.is_some() {
+                "installing"
+            } else {
+                "waiting"
+            };
+            flotilla_api::v1::RolloutWave {
+                spec: w.to_string(),
+                size: st.size,
+                offered: st.offered,
+                succeeded: st.succeeded,
+                failed: st.failed,
+                status: status.into(),
+                gates: if rec.gates.is_empty() {
+                    plan.gates
+                        .iter()
+                        .map(|g| flotilla_api::v1::RolloutGate {
+                            name: g.name(),
+                            value: None,
+                            threshold: g.threshold,
+                            passed: false,
+                        })
+                        .collect()
+                } else {
+                    rec.gates
+                        .into_iter()
+                        .map(|g| flotilla_api::v1::RolloutGate {
+                            name: g.name,
+                            value: g.value,
+                            threshold: g.threshold,
+                            passed: g.passed,
+                        })
+                        .collect()
+                },
+            }
+        })
+        .collect();
     Ok(Some(Rollout {
         id: r.id.clone(),
         bundle: b.map(|b| format!("{}@{}", b.name, b.version)).unwrap_or_default(),
         bundle_id: r.bundle_id.clone(),
         state: r.state.clone(),
+        reason: r.reason.clone(),
+        current_wave: engine.current_wave as u32 + 1,
+        waves,
         created: rfc3339(r.created),
         total: devices.len() as u64,
         pending: count(&["pending"]),
@@ -485,6 +569,45 @@ fn rollout_view(s: &Shared, id: &str) -> anyhow::Result<Option<Rollout>> {
             .map(|d| RolloutDevice { device: d.device_id, state: d.state, reason: d.reason })
             .collect(),
     }))
+}
+
+/// `pause`, `resume`, `abort`, `promote`, `rollback`.
+async fn command_rollout(
+    State(s): State<Arc<Shared>>,
+    Path((id, command)): Path<(String, String)>,
+) -> Result<Json<Rollout>> {
+    use flotilla_rollout::Command as C;
+    let cmd = match command.as_str() {
+        "pause" => C::Pause,
+        "resume" => C::Resume,
+        "abort" => C::Abort,
+        "promote" => C::Promote,
+        "rollback" => C::Rollback,
+        other => {
+            return Err(Error::new(
+                StatusCode::NOT_FOUND,
+                "unknown_command",
+                format!("{other:?} is not a rollout command"),
+                Some("pause, resume, abort, promote or rollback"),
+            ));
+        }
+    };
+    let not_found = || Error::new(StatusCode::NOT_FOUND, "rollout_not_found", format!("no rollout {id:?}"), None);
+    let r = s.store.rollout(&id)?.ok_or_else(not_found)?;
+    let rds = s.store.rollout_devices(&id)?;
+    let (plan, engine) = crate::driver::engine_of(&r, &rds)?;
+    let next = flotilla_rollout::apply(&plan, &engine, cmd, now_s() as u64).map_err(|e| {
+        Error::new(StatusCode::CONFLICT, "bad_state", e.to_string(), Some("see `flotilla rollout status ID`"))
+    })?;
+    s.store.save_rollout(
+        &id,
+        next.phase.as_str(),
+        next.reason.as_deref(),
+        &serde_json::to_string(&next).map_err(anyhow::Error::from)?,
+    )?;
+    tracing::info!(rollout = %id, command, state = next.phase.as_str(), "rollout command");
+    s.wake.notify_one();
+    rollout_view(&s, &id)?.map(Json).ok_or_else(not_found)
 }
 
 async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>>> {

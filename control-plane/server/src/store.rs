@@ -173,6 +173,10 @@ pub struct RolloutRow {
     pub bundle_id: String,
     pub state: String,
     pub created: i64,
+    /// `flotilla_rollout::Plan` and `RolloutState` as JSON.
+    pub plan: Option<String>,
+    pub engine: Option<String>,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +205,10 @@ impl Store {
         add_column(&conn, "devices", "root_version", "INTEGER")?;
         // Tags set on the server (`flotilla devices tag`); they win over the device's own.
         add_column(&conn, "devices", "server_tags", "TEXT NOT NULL DEFAULT '{}'")?;
+        // The rollout engine's plan and state (JSON), persisted after every step.
+        add_column(&conn, "rollouts", "plan", "TEXT")?;
+        add_column(&conn, "rollouts", "engine", "TEXT")?;
+        add_column(&conn, "rollouts", "reason", "TEXT")?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
@@ -562,29 +570,54 @@ impl Store {
     // ---- rollouts ----
 
     /// Create a rollout with its target devices, all pending, in one transaction.
-    pub fn create_rollout(&self, id: &str, bundle_id: &str, devices: &[String], now: i64) -> anyhow::Result<()> {
+    pub fn create_rollout(
+        &self,
+        id: &str,
+        bundle_id: &str,
+        plan_json: &str,
+        engine_json: &str,
+        now: i64,
+    ) -> anyhow::Result<()> {
         self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO rollouts (id, bundle_id, state, created) VALUES (?1, ?2, 'running', ?3)",
-                params![id, bundle_id, now],
-            )?;
-            for d in devices {
-                tx.execute(
-                    "INSERT INTO rollout_devices (rollout_id, device_id, offer_id, state, updated) VALUES (?1, ?2, ?3, 'pending', ?4)",
-                    params![id, d, format!("{id}/{d}"), now],
-                )?;
-            }
-            tx.commit()
-        })
+            c.execute(
+                "INSERT INTO rollouts (id, bundle_id, state, created, plan, engine) VALUES (?1, ?2, 'pending', ?3, ?4, ?5)",
+                params![id, bundle_id, now, plan_json, engine_json],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The engine decided to offer the bundle to a device (idempotent).
+    pub fn add_rollout_device(&self, rollout_id: &str, device: &str, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, offer_id, state, updated)
+                 VALUES (?1, ?2, ?3, 'pending', ?4)",
+                params![rollout_id, device, format!("{rollout_id}/{device}"), now],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Persist a step of the engine.
+    pub fn save_rollout(&self, id: &str, state: &str, reason: Option<&str>, engine_json: &str) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE rollouts SET state = ?2, reason = ?3, engine = ?4 WHERE id = ?1",
+                params![id, state, reason, engine_json],
+            )
+        })?;
+        Ok(())
     }
 
     pub fn rollouts(&self) -> anyhow::Result<Vec<RolloutRow>> {
         self.rollouts_where("1 = 1", params![])
     }
 
-    pub fn running_rollouts(&self) -> anyhow::Result<Vec<RolloutRow>> {
-        self.rollouts_where("state = 'running'", params![])
+    /// Rollouts the driver steps: not yet finished, and rolled back ones (devices that come back
+    /// online still get the previous version).
+    pub fn active_rollouts(&self) -> anyhow::Result<Vec<RolloutRow>> {
+        self.rollouts_where("state IN ('pending', 'running', 'rolled_back')", params![])
     }
 
     pub fn rollout(&self, id: &str) -> anyhow::Result<Option<RolloutRow>> {
@@ -594,10 +627,18 @@ impl Store {
     fn rollouts_where(&self, cond: &str, p: &[&dyn rusqlite::ToSql]) -> anyhow::Result<Vec<RolloutRow>> {
         self.with(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT id, bundle_id, state, created FROM rollouts WHERE {cond} ORDER BY created, id"
+                "SELECT id, bundle_id, state, created, plan, engine, reason FROM rollouts WHERE {cond} ORDER BY created, id"
             ))?;
             st.query_map(p, |r| {
-                Ok(RolloutRow { id: r.get(0)?, bundle_id: r.get(1)?, state: r.get(2)?, created: r.get(3)? })
+                Ok(RolloutRow {
+                    id: r.get(0)?,
+                    bundle_id: r.get(1)?,
+                    state: r.get(2)?,
+                    created: r.get(3)?,
+                    plan: r.get(4)?,
+                    engine: r.get(5)?,
+                    reason: r.get(6)?,
+                })
             })?
             .collect()
         })
@@ -802,14 +843,23 @@ mod tests {
             head: vec![1],
         })
         .unwrap();
-        s.create_rollout("r1", "b1", &["a".into()], 3).unwrap();
+        s.create_rollout("r1", "b1", "{}", "{}", 3).unwrap();
+        s.add_rollout_device("r1", "a", 3).unwrap();
+        s.add_rollout_device("r1", "a", 4).unwrap();
         s.mark_offered("r1/a", 4).unwrap();
         s.offer_progress("r1/a", "succeeded", None, 5).unwrap();
         s.offer_progress("r1/a", "downloading", None, 6).unwrap();
         drop(s);
         let s = Store::open(&path).unwrap();
         let rd = s.rollout_devices("r1").unwrap();
-        assert_eq!(rd[0].state, "succeeded");
+        assert_eq!((rd.len(), rd[0].state.as_str()), (1, "succeeded"));
+        s.save_rollout("r1", "paused", Some("why"), "{\"x\":1}").unwrap();
+        let r = s.rollout("r1").unwrap().unwrap();
+        assert_eq!(
+            (r.state.as_str(), r.reason.as_deref(), r.engine.as_deref()),
+            ("paused", Some("why"), Some("{\"x\":1}"))
+        );
+        assert!(s.active_rollouts().unwrap().is_empty());
         assert_eq!(s.bundle_by_name("m", 1).unwrap().unwrap().signers, vec!["k".to_string()]);
         assert!(s.add_event("a", "m1", 1, "k", "{}").unwrap());
         assert!(!s.add_event("a", "m1", 1, "k", "{}").unwrap());

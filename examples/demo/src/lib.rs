@@ -191,7 +191,7 @@ impl Fleet {
     }
 
     pub async fn start_rollout(&self, bundle: &str) -> anyhow::Result<String> {
-        let req = RolloutCreate { bundle: bundle.into(), devices: vec![] };
+        let req = RolloutCreate { bundle: bundle.into(), devices: vec![], plan: None };
         let r = self.http.post(format!("{}/api/v1/rollouts", self.api())).json(&req).send().await?;
         Ok(json_or_error::<RolloutCreated>(r).await?.id)
     }
@@ -200,12 +200,12 @@ impl Fleet {
         json_or_error(self.http.get(format!("{}/api/v1/rollouts/{id}", self.api())).send().await?).await
     }
 
-    /// Wait until the rollout leaves `running`.
+    /// Wait until the rollout is neither `pending` nor `running`.
     pub async fn wait_rollout(&self, id: &str, timeout: Duration) -> anyhow::Result<Rollout> {
         let start = Instant::now();
         loop {
             let r = self.rollout(id).await?;
-            if r.state != "running" {
+            if r.state != "running" && r.state != "pending" {
                 return Ok(r);
             }
             if start.elapsed() > timeout {
