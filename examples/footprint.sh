@@ -45,7 +45,7 @@ PY
 id=$("$bin/flotilla" rollout start --bundle digits@1)
 for _ in $(seq 300); do
     state=$("$bin/flotilla" rollout status "$id" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
-    [ "$state" != running ] && break; sleep 0.1
+    [ "$state" != running ] && [ "$state" != pending ] && break; sleep 0.1
 done
 [ "$state" = completed ] || { echo "rollout $state" >&2; exit 1; }
 api=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api"])' "$work/agent/endpoints.json")

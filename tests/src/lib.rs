@@ -1,10 +1,14 @@
 //! End-to-end tests live in `tests/`. This library holds what they share: a TCP proxy on the
-//! loopback that can throttle and cut real connections (HTTP or MQTT alike).
+//! loopback that can throttle and cut real connections (HTTP or MQTT alike), and Debian's
+//! Mosquitto started on a free port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -138,4 +142,55 @@ async fn relay(i: Arc<Inner>, client: TcpStream, upstream: TcpStream) {
         _ = down => {}
         _ = cut => {}
     }
+}
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start mosquitto on a free loopback port. Mosquitto cannot listen on port 0 and report the
+/// port, so a free port is found first and the start is retried if another process takes it.
+pub fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
+    assert!(
+        std::path::Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is missing: install it with `apt-get install mosquitto` (.ci/run does)"
+    );
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n")).unwrap();
+        let mut child =
+            Command::new(MOSQUITTO).arg("-c").arg(&conf).stderr(Stdio::piped()).spawn().expect("start mosquitto");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // Ready when it accepts TCP connections.
+        for _ in 0..50 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Mosquitto { child, port };
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log: Vec<String> = rx.try_iter().collect();
+        let _ = child.kill();
+        eprintln!("mosquitto did not start on port {port}: {log:?}; retrying");
+    }
+    panic!("mosquitto would not start");
 }

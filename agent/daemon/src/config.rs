@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub disk_reserve_bytes: Option<u64>,
     /// Most payload bytes the telemetry outbox holds while offline (default 4 MiB).
     pub outbox_max_bytes: Option<u64>,
+    /// Seconds between health reports of each model that served inferences (default 10).
+    pub health_interval_secs: Option<u64>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// The TensorFlow Lite C library (`libtensorflowlite_c.so`); else `$FLOTILLA_TFLITE_LIB`;
@@ -96,6 +98,8 @@ pub struct AgentConfig {
     pub disk_reserve_bytes: u64,
     /// Telemetry kept while offline, in payload bytes; beyond it the oldest is dropped (and counted).
     pub outbox_max_bytes: u64,
+    /// Seconds between health reports (what rollout gates judge).
+    pub health_interval_secs: u64,
     /// See [`FileConfig::tflite_lib`] and [`FileConfig::delegates`].
     pub tflite_lib: Option<PathBuf>,
     pub delegates: BTreeMap<String, DelegateConfig>,
@@ -146,6 +150,7 @@ impl AgentConfig {
             tags: BTreeMap::new(),
             disk_reserve_bytes: DEFAULT_DISK_RESERVE,
             outbox_max_bytes: 4 << 20,
+            health_interval_secs: 10,
             tflite_lib: None,
             delegates: BTreeMap::new(),
             clock: Clock::system(),

@@ -299,7 +299,8 @@ impl ModelDrift {
     }
 }
 
-/// Queues every closed window in the outbox, once a second; at shutdown, the open ones too.
+/// Queues every closed window in the outbox, once a second, and each model's health every
+/// `health_interval_secs` while it serves inferences.
 pub async fn run(ctx: std::sync::Arc<crate::Ctx>, cancel: tokio_util::sync::CancellationToken) {
     let send = |ctx: &crate::Ctx, reports: Vec<DriftReport>| {
         for r in reports {
@@ -307,6 +308,9 @@ pub async fn run(ctx: std::sync::Arc<crate::Ctx>, cancel: tokio_util::sync::Canc
             crate::outbox::push_telemetry(ctx, flotilla_proto::Telemetry::Drift(r));
         }
     };
+    let mut since_health = 0u64;
+    // Runs reported last, per (model, version): a model with no new inference sends nothing.
+    let mut reported: std::collections::HashMap<(String, u64), u64> = Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -315,6 +319,30 @@ pub async fn run(ctx: std::sync::Arc<crate::Ctx>, cancel: tokio_util::sync::Canc
         for m in ctx.registry.all() {
             if let Some(d) = &m.drift {
                 send(&ctx, d.take_ready(crate::unix_now_ms()));
+            }
+        }
+        since_health += 1;
+        if since_health >= ctx.cfg.health_interval_secs.max(1) {
+            since_health = 0;
+            for m in ctx.registry.all() {
+                let report = {
+                    let w = m.watch.lock().expect("watch lock");
+                    let key = (m.name.clone(), m.version);
+                    if w.runs == 0 || reported.get(&key) == Some(&w.runs) {
+                        continue;
+                    }
+                    reported.insert(key, w.runs);
+                    flotilla_proto::HealthReport {
+                        model: m.name.clone(),
+                        version: m.version,
+                        inferences: w.runs,
+                        errors: w.errors,
+                        latency_p95_us: w.p95_us(),
+                        backend: m.backend().to_string(),
+                        accelerator_fallback: m.manifest.runtime.delegate.is_some() && !m.backend().contains('+'),
+                    }
+                };
+                crate::outbox::push_telemetry(&ctx, flotilla_proto::Telemetry::Health(report));
             }
         }
     }

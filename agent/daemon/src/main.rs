@@ -90,6 +90,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = file.disk_reserve_bytes {
         cfg.disk_reserve_bytes = r;
     }
+    if let Some(h) = file.health_interval_secs {
+        cfg.health_interval_secs = h.max(1);
+    }
     if let Some(b) = file.outbox_max_bytes {
         cfg.outbox_max_bytes = b;
     }

@@ -114,7 +114,7 @@ async fn wait_completed(http: &reqwest::Client, api: &str, rollout: &str, versio
     loop {
         let s: serde_json::Value =
             http.get(format!("{api}/api/v1/rollouts/{rollout}")).send().await.unwrap().json().await.unwrap();
-        if s["state"] != "running" {
+        if s["state"] != "running" && s["state"] != "pending" {
             assert_eq!(s["state"], "completed", "round {version}: {s}");
             return;
         }

@@ -89,7 +89,10 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
         .await
         .unwrap();
     let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let done = wait_json(&http, &format!("{api}/api/v1/rollouts/{id}"), |v| v["state"] != "running").await;
+    let done = wait_json(&http, &format!("{api}/api/v1/rollouts/{id}"), |v| {
+        v["state"] != "running" && v["state"] != "pending"
+    })
+    .await;
     assert_eq!(done["state"], "completed", "{done}");
 
     let meta = wait_json(&http, &format!("{agent_api}/v2/models/digits"), |v| v["name"] == "digits").await;

@@ -222,6 +222,23 @@ pub enum Telemetry {
     Drift(DriftReport),
     /// Part of a reservoir sample, sent on request.
     Samples(SampleBatch),
+    /// How a model version has been doing since it became active (what rollout gates judge).
+    Health(HealthReport),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub model: String,
+    pub version: u64,
+    /// Since the version became active in this process.
+    pub inferences: u64,
+    pub errors: u64,
+    /// Over the latest inferences (up to 1024).
+    pub latency_p95_us: Option<u64>,
+    pub backend: String,
+    /// The bundle asked for a delegate and the model runs without it.
+    #[serde(default)]
+    pub accelerator_fallback: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -98,6 +98,34 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("telemetry-drift", encode(&Msg::new("10", 10, Telemetry::Drift(drift_report())))),
         (
+            "cmd-rollback",
+            encode(&Msg::new(
+                "12",
+                12,
+                Command::Rollback(RollbackCommand {
+                    model: "digits".into(),
+                    from_version: 3,
+                    reason: "wave 1 gate latency_p95<=1.5x failed".into(),
+                }),
+            )),
+        ),
+        (
+            "telemetry-health",
+            encode(&Msg::new(
+                "13",
+                13,
+                Telemetry::Health(HealthReport {
+                    model: "digits".into(),
+                    version: 3,
+                    inferences: 1200,
+                    errors: 2,
+                    latency_p95_us: Some(180),
+                    backend: "tract-onnx".into(),
+                    accelerator_fallback: false,
+                }),
+            )),
+        ),
+        (
             "telemetry-samples",
             encode(&Msg::new(
                 "11",

@@ -68,10 +68,24 @@ pub fn device_view(d: &DeviceRow, rd: Option<&RolloutDeviceRow>) -> DeviceView {
     DeviceView { id: d.id.clone(), tags, online: d.online, outcome }
 }
 
-/// What the server measured for the bundle's version: the worst drift signal of its latest
-/// scored window, per metric. (Per-device health arrives with the agents' health reports.)
+/// What the server measured for the bundle's version: each device's latest health report on it
+/// (with its p95 on the newest older version, for relative latency gates), and the worst drift
+/// signal of its latest scored window, per metric.
 fn observations(s: &Shared, bundle: &BundleRow) -> anyhow::Result<Observations> {
     let mut obs = Observations::default();
+    let rows = s.store.health(&bundle.name)?;
+    for h in rows.iter().filter(|h| h.version == bundle.version) {
+        let prev =
+            rows.iter().find(|r| r.device == h.device && r.version < bundle.version).and_then(|r| r.latency_p95_us);
+        obs.health.push(flotilla_rollout::Health {
+            device: h.device.clone(),
+            inferences: h.inferences,
+            errors: h.errors,
+            latency_p95_us: h.latency_p95_us.map(|v| v as f64),
+            prev_latency_p95_us: prev.map(|v| v as f64),
+            accelerator_fallback: h.accelerator_fallback,
+        });
+    }
     let since = s.store.drift_bucket_back(&bundle.name, bundle.version, 0)?.unwrap_or(i64::MAX);
     let q = crate::drift::Query {
         model: bundle.name.clone(),

@@ -17,10 +17,13 @@ pub struct BrokerLogin {
     pub password: Option<String>,
 }
 
-pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(format!("flotilla-server-{}", crate::new_id()), login.host.clone(), login.port);
-    // The server keeps no session: it resubscribes on every connect and reads retained state.
-    opts.set_clean_session(true);
+/// `client_id` is stable for a server's data directory: with a persistent session the broker
+/// keeps what devices send while the server restarts (events, acknowledgements), and delivers
+/// it when the server is back.
+pub fn client(login: &BrokerLogin, client_id: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(client_id, login.host.clone(), login.port);
+    // It also resubscribes on every connect and reads retained state.
+    opts.set_clean_session(false);
     opts.set_keep_alive(Duration::from_secs(30));
     let max = flotilla_proto::MAX_PAYLOAD + 64 * 1024;
     opts.set_max_packet_size(max, max);
@@ -193,6 +196,21 @@ async fn on_metrics(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Re
     tokio::task::spawn_blocking(move || match msg.body {
         Telemetry::Drift(r) => crate::drift::ingest(&s, &device, &msg.id, r, now_s()),
         Telemetry::Samples(b) => crate::drift::ingest_samples(&s, &device, b, now_s()),
+        Telemetry::Health(h) => {
+            s.store.set_health(
+                &device,
+                &h.model,
+                h.version,
+                h.inferences,
+                h.errors,
+                h.latency_p95_us,
+                h.accelerator_fallback,
+                &h.backend,
+                now_s(),
+            )?;
+            s.wake.notify_one();
+            Ok(())
+        }
     })
     .await?
 }

@@ -151,7 +151,10 @@ impl Server {
             .clone()
             .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("http://{http_addr}")))
             .map(|u| u.trim_end_matches('/').to_string());
-        let (client, eventloop) = fleet::client(&login);
+        // One session per data directory (a second server on the same store would take it over).
+        let dir_id = cfg.data_dir.canonicalize().unwrap_or_else(|_| cfg.data_dir.clone());
+        let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
+        let (client, eventloop) = fleet::client(&login, &format!("flotilla-server-{}", &digest[..16]));
         let shared = Arc::new(Shared {
             store,
             files,
@@ -191,13 +194,18 @@ impl Server {
         &self.shared
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    /// Stop every task and the embedded broker (what `shutdown` does, without consuming).
+    pub async fn stop(&mut self) {
         let _ = self.shared.mqtt.disconnect().await;
         self.cancel.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
-        if let Some(b) = self.broker {
+        if let Some(b) = self.broker.take() {
             b.stop();
         }
     }

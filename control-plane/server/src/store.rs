@@ -96,6 +96,18 @@ CREATE TABLE IF NOT EXISTS sample_uploads (
     done INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (upload_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS health (
+    device_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    inferences INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    latency_p95_us INTEGER,
+    accelerator_fallback INTEGER NOT NULL,
+    backend TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (device_id, model, version)
+);
 CREATE TABLE IF NOT EXISTS drift_alerts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model TEXT NOT NULL,
@@ -113,6 +125,16 @@ CREATE TABLE IF NOT EXISTS drift_alerts (
     resolved INTEGER
 );
 ";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthRow {
+    pub device: String,
+    pub version: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_p95_us: Option<u64>,
+    pub accelerator_fallback: bool,
+}
 
 /// One stored drift report (`signals` is CBOR: `Vec<flotilla_proto::SignalSketch>`).
 #[derive(Debug, Clone, PartialEq)]
@@ -427,6 +449,65 @@ impl Store {
                 "SELECT {ALERT_COLUMNS} FROM drift_alerts WHERE ?1 OR state = 'firing' ORDER BY id DESC"
             ))?;
             st.query_map([all], alert_row)?.collect()
+        })
+    }
+
+    // ---- health ----
+
+    /// The latest health report of a device for a model version (older ones are replaced).
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_health(
+        &self,
+        device: &str,
+        model: &str,
+        version: u64,
+        inferences: u64,
+        errors: u64,
+        latency_p95_us: Option<u64>,
+        accelerator_fallback: bool,
+        backend: &str,
+        at: i64,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO health (device_id, model, version, inferences, errors, latency_p95_us, accelerator_fallback, backend, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(device_id, model, version) DO UPDATE SET inferences = ?4, errors = ?5,
+                 latency_p95_us = ?6, accelerator_fallback = ?7, backend = ?8, at = ?9",
+                params![
+                    device,
+                    model,
+                    version as i64,
+                    inferences as i64,
+                    errors as i64,
+                    latency_p95_us.map(|v| v as i64),
+                    accelerator_fallback,
+                    backend,
+                    at
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Every device's latest health for each version of a model, newest version first per device.
+    pub fn health(&self, model: &str) -> anyhow::Result<Vec<HealthRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, version, inferences, errors, latency_p95_us, accelerator_fallback FROM health
+                 WHERE model = ?1 ORDER BY device_id, version DESC",
+            )?;
+            st.query_map([model], |r| {
+                Ok(HealthRow {
+                    device: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                    inferences: r.get::<_, i64>(2)? as u64,
+                    errors: r.get::<_, i64>(3)? as u64,
+                    latency_p95_us: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    accelerator_fallback: r.get(5)?,
+                })
+            })?
+            .collect()
         })
     }
 

@@ -40,6 +40,8 @@ impl Default for FleetOptions {
 pub struct Fleet {
     pub dir: PathBuf,
     pub server: Server,
+    /// How the server was started (ports filled in), for [`Fleet::restart_server`].
+    pub server_cfg: ServerConfig,
     pub agents: Vec<(String, Agent)>,
     pub key: SecretKey,
     pub root_path: PathBuf,
@@ -87,8 +89,20 @@ impl Fleet {
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }
-        let server = Server::start(cfg).await?;
-        let mut fleet = Fleet { dir: dir.into(), server, agents: vec![], key, root_path, http: reqwest::Client::new() };
+        let server = Server::start(cfg.clone()).await?;
+        cfg.http = server.http_addr;
+        if cfg.external_broker.is_none() {
+            cfg.mqtt = server.mqtt_addr;
+        }
+        let mut fleet = Fleet {
+            dir: dir.into(),
+            server,
+            server_cfg: cfg,
+            agents: vec![],
+            key,
+            root_path,
+            http: reqwest::Client::new(),
+        };
         for i in 0..devices {
             fleet.start_agent(&format!("dev-{i}")).await?;
         }
@@ -100,7 +114,27 @@ impl Fleet {
         let broker = BrokerUrl { host: "127.0.0.1".into(), port: self.server.mqtt_addr.port() };
         let mut cfg = AgentConfig::new(self.dir.join("agents").join(id), id, broker, self.root_path.clone());
         cfg.api = "127.0.0.1:0".parse().expect("address");
+        cfg.health_interval_secs = 1;
         cfg
+    }
+
+    /// Stop the control plane (and its embedded broker) and start it again on the same store
+    /// and ports, as an operator's restart would. Agents reconnect by themselves.
+    pub async fn restart_server(&mut self) -> anyhow::Result<()> {
+        self.server.stop().await;
+        // The ports were just released; binding them again may take a moment.
+        let mut last = None;
+        for _ in 0..50 {
+            match Server::start(self.server_cfg.clone()).await {
+                Ok(s) => {
+                    self.server = s;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last.expect("tried").context("restarting the control plane"))
     }
 
     pub async fn start_agent(&mut self, id: &str) -> anyhow::Result<()> {
@@ -192,6 +226,13 @@ impl Fleet {
 
     pub async fn start_rollout(&self, bundle: &str) -> anyhow::Result<String> {
         let req = RolloutCreate { bundle: bundle.into(), devices: vec![], plan: None };
+        let r = self.http.post(format!("{}/api/v1/rollouts", self.api())).json(&req).send().await?;
+        Ok(json_or_error::<RolloutCreated>(r).await?.id)
+    }
+
+    /// Start a rollout with a plan (`flotilla_rollout::Plan` as JSON).
+    pub async fn start_rollout_with(&self, bundle: &str, plan: serde_json::Value) -> anyhow::Result<String> {
+        let req = RolloutCreate { bundle: bundle.into(), devices: vec![], plan: Some(plan) };
         let r = self.http.post(format!("{}/api/v1/rollouts", self.api())).json(&req).send().await?;
         Ok(json_or_error::<RolloutCreated>(r).await?.id)
     }
