@@ -541,3 +541,92 @@ async fn drift_tags_feedback_and_samples_through_the_cli() {
     );
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staged_rollouts_and_their_commands_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(&dir.path().join("fleet"), 4).await.unwrap();
+    let server = fleet.api();
+    let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
+    let samples = digits::samples();
+    for v in [1, 2] {
+        fleet.push(fleet.bundle("digits", v, digits::MODEL, digits::golden(&samples[..1])).unwrap()).await.unwrap();
+    }
+
+    // Bad plans are refused before anything starts, saying how to write them.
+    let bad = flotilla(&["rollout", "start", "--bundle", "digits@1", "--gate", "latency<=2"], Some(&server));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("latency_p95"), "{bad:?}");
+    assert!(
+        !flotilla(&["rollout", "start", "--bundle", "digits@1", "--waves", "50%,10%"], Some(&server)).status.success()
+    );
+
+    // One device first, then the rest; a long bake holds the first wave until promoted.
+    let created = json(&[
+        "rollout",
+        "start",
+        "--bundle",
+        "digits@1",
+        "--waves",
+        "1,100%",
+        "--bake",
+        "1h",
+        "--gate",
+        "install_success>=1",
+        "-o",
+        "json",
+    ]);
+    let id = created["id"].as_str().unwrap().to_string();
+    let status = |id: &str| json(&["rollout", "status", id, "-o", "json"]);
+    fleet
+        .wait_for(Duration::from_secs(60), || async { Ok(status(&id)["waves"][0]["status"] == "baking") })
+        .await
+        .unwrap();
+    let s = status(&id);
+    assert_eq!(
+        (s["state"].as_str(), s["current_wave"].as_u64(), s["reason"].is_null()),
+        (Some("running"), Some(1), true)
+    );
+    let w = &s["waves"][0];
+    assert_eq!(
+        (w["size"].as_u64(), w["offered"].as_u64(), w["succeeded"].as_u64(), w["failed"].as_u64()),
+        (Some(1), Some(1), Some(1), Some(0)),
+        "{s:#}"
+    );
+    let g = &w["gates"][0];
+    assert_eq!(
+        (g["name"].as_str(), g["value"].as_f64(), g["threshold"].as_f64(), g["passed"].as_bool()),
+        (Some("install_success>=1"), Some(1.0), Some(1.0), Some(true)),
+        "{s:#}"
+    );
+    assert_eq!(s["waves"][1]["offered"], 0, "the second wave waits: {s:#}");
+    assert!(ok(&["rollout", "status", &id], Some(&server)).contains("WAVE"));
+
+    let promoted = json(&["rollout", "promote", &id, "-o", "json"]);
+    assert_eq!(promoted["current_wave"], 2);
+    fleet
+        .wait_for(Duration::from_secs(60), || async { Ok(status(&id)["waves"][1]["status"] == "baking") })
+        .await
+        .unwrap();
+    assert_eq!(status(&id)["waves"][1]["succeeded"], 3);
+    ok(&["rollout", "promote", &id], Some(&server));
+    assert_eq!(status(&id)["state"], "completed");
+    let refused = flotilla(&["rollout", "pause", &id], Some(&server));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot pause a rollout that is completed"),
+        "{refused:?}"
+    );
+    assert!(ok(&["rollout", "watch", &id], Some(&server)).contains("completed"));
+
+    // Pause, resume, abort.
+    let id2 = ok(&["rollout", "start", "--bundle", "digits@2", "--waves", "50%,100%", "--bake", "1h"], Some(&server));
+    let id2 = id2.trim();
+    assert_eq!(json(&["rollout", "pause", id2, "-o", "json"])["state"], "paused");
+    assert_eq!(status(id2)["reason"], "paused by an operator");
+    assert_eq!(json(&["rollout", "resume", id2, "-o", "json"])["state"], "running");
+    assert_eq!(json(&["rollout", "abort", id2, "-o", "json"])["state"], "aborted");
+    let listed = json(&["rollout", "ls", "-o", "json"]);
+    let states: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["completed", "aborted"]);
+    fleet.shutdown().await;
+}
