@@ -85,9 +85,30 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let pushed = fleet.push(bundle).await?;
     step(format!("pushed bundle {}", &pushed.id[..16]));
 
-    let id = fleet.start_rollout("digits@1").await?;
-    step(format!("rollout {id} started"));
+    // Staged: one canary device, then the rest, each wave gated on every install succeeding.
+    let plan = serde_json::json!({
+        "waves": [{"count": 1}, {"percent": 100.0}],
+        "bake_secs": 1,
+        "gates": [flotilla_rollout::Gate::parse("install_success>=1")?],
+        "on_failure": "rollback",
+    });
+    let id = fleet.start_rollout_with("digits@1", plan).await?;
+    step(format!("rollout {id} started: waves 1 device, then 100%; gate install_success>=1; bake 1 s"));
     let r = fleet.wait_rollout(&id, Duration::from_secs(120)).await?;
+    for (i, w) in r.waves.iter().enumerate() {
+        println!(
+            "          wave {} ({}): {} of {} succeeded, gates {}",
+            i + 1,
+            w.spec,
+            w.succeeded,
+            w.size,
+            w.gates
+                .iter()
+                .map(|g| format!("{} {}", g.name, if g.passed { "passed" } else { "failed" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     step(format!("rollout {}: {} of {} devices succeeded, {} failed", r.state, r.succeeded, r.total, r.failed));
     for d in &r.devices {
         println!(
