@@ -708,7 +708,7 @@ impl Store {
     fn rollouts_where(&self, cond: &str, p: &[&dyn rusqlite::ToSql]) -> anyhow::Result<Vec<RolloutRow>> {
         self.with(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT id, bundle_id, state, created, plan, engine, reason FROM rollouts WHERE {cond} ORDER BY created, id"
+                "SELECT id, bundle_id, state, created, plan, engine, reason FROM rollouts WHERE {cond} ORDER BY created, rowid"
             ))?;
             st.query_map(p, |r| {
                 Ok(RolloutRow {
