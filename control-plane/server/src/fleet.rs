@@ -66,6 +66,14 @@ pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: Cancella
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                // State messages are applied in the order the broker delivers them (a device's
+                // `baking` then `active` must not swap); they are one store write each.
+                if let Some((device, Channel::State)) = shared.topics.parse(&p.topic) {
+                    if let Err(e) = on_state(&shared, device, &p.payload) {
+                        tracing::warn!(device, error = %format!("{e:#}"), "state not handled");
+                    }
+                    continue;
+                }
                 let s = shared.clone();
                 tokio::spawn(async move { handle(&s, &p.topic, &p.payload).await });
             }
