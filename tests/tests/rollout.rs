@@ -1,7 +1,9 @@
 //! Staged rollouts on 20 real agents: a good bundle passes every wave (and survives a restart of
 //! the control plane in the middle); a bundle that is slower than the version before it is
 //! stopped by its latency gate at the first wave and rolled back; a bundle whose self-test fails
-//! stops at the first wave. The devices outside the first wave never receive a bad bundle.
+//! stops at the first wave; a bundle that passes its self-test but fails on live inputs is
+//! stopped by its error-rate gate and rolled back. The devices outside the first wave never
+//! receive a bad bundle.
 //!
 //! The fleet talks through Debian's Mosquitto here: restarting the control plane in-process
 //! cannot take an embedded broker's sockets down with it the way killing the process does, and a
@@ -22,6 +24,16 @@ async fn traffic(fleet: &Fleet) {
     let samples = digits::samples();
     for (id, _) in &fleet.agents {
         let _ = fleet.infer(id, "digits", &digits::request(&samples[..4])).await;
+    }
+}
+
+/// Traffic from cameras whose gain is off: pixels up to 2.5 (the good models cope; the faulty
+/// one fails every such inference).
+async fn hot_traffic(fleet: &Fleet) {
+    let hot: Vec<Vec<f32>> =
+        digits::baseline_images().into_iter().take(4).map(|i| i.iter().map(|x| x * 2.5).collect()).collect();
+    for (id, _) in &fleet.agents {
+        let _ = fleet.infer(id, "digits", &digits::images_request(&hot)).await;
     }
 }
 
@@ -135,5 +147,29 @@ async fn staged_rollouts_pass_stop_roll_back_and_survive_a_restart() {
     assert_eq!((r.waves[0].size, r.waves[0].failed, r.devices.len()), (2, 2, 2), "{r:#?}");
     assert!(r.devices.iter().all(|d| d.reason.as_deref().unwrap_or("").contains("over the budget")), "{r:#?}");
     assert!(versions(&fleet).await.values().all(|&v| v == 2));
+
+    // v5: computes what v2 does on every image it was tested with, and fails on the images the
+    // devices actually see now. Its self-test passes; its error-rate gate stops it.
+    let faulty = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/digits_cnn_faulty.onnx"),
+    )
+    .unwrap();
+    fleet.push(fleet.bundle("digits", 5, &faulty, golden()).unwrap()).await.unwrap();
+    let id = fleet.start_rollout_with("digits@5", plan("10%,100%", &["error_rate<=0.05"])).await.unwrap();
+    let start = Instant::now();
+    let r = loop {
+        hot_traffic(&fleet).await;
+        let r = fleet.rollout(&id).await.unwrap();
+        if r.state != "running" && r.state != "pending" {
+            break r;
+        }
+        assert!(start.elapsed() < T, "rollout stuck: {r:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.state, "rolled_back", "{r:#?}");
+    assert!(r.reason.as_deref().unwrap().contains("error_rate"), "{r:?}");
+    assert_eq!((r.waves[0].succeeded, r.devices.len()), (2, 2), "self-tests passed, nobody else was offered: {r:#?}");
+    assert!(r.waves[0].gates[0].value.unwrap() > 0.05, "{r:#?}");
+    fleet.wait_for(T, || async { Ok(versions(&fleet).await.values().all(|&v| v == 2)) }).await.unwrap();
     fleet.shutdown().await;
 }
