@@ -129,9 +129,15 @@ async fn staged_rollouts_pass_stop_roll_back_and_survive_a_restart() {
     assert_eq!(r.devices.len(), 2, "only the first wave was offered v3: {r:#?}");
     let first_wave: Vec<String> = r.devices.iter().map(|d| d.device.clone()).collect();
     fleet.wait_for(T, || async { Ok(versions(&fleet).await.values().all(|&v| v == 2)) }).await.unwrap();
+    // Each reports it (through its outbox, so a moment after it happened).
     for dev in &first_wave {
-        let events = fleet.events(dev).await.unwrap();
-        assert!(events.iter().any(|e| e.kind == "model_rolled_back" && e.detail["from_version"] == 3), "{dev}");
+        fleet
+            .wait_for(T, || async {
+                let events = fleet.events(dev).await?;
+                Ok(events.iter().any(|e| e.kind == "model_rolled_back" && e.detail["from_version"] == 3))
+            })
+            .await
+            .unwrap();
     }
 
     // v4: a latency budget no device can meet, so every self-test fails: the first wave stops
