@@ -99,11 +99,15 @@ pub enum AlertsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RolloutCmd {
-    /// Start rolling a pushed bundle out and print its id. Without a plan: one wave of every
-    /// device, paused if any install fails. With waves, each wave is offered once the one before
-    /// it has installed, baked and passed every gate:
+    /// Start rolling a pushed bundle out and print its id.
+    ///
+    /// Without a plan: one wave of every device, paused if any install fails. With waves, each
+    /// wave is offered once the one before it has installed, baked and passed every gate:
+    ///
     ///   flotilla rollout start --bundle digits@2 --waves 5%,25%,100% --bake 10m \
-    ///       --gate 'latency_p95<=1.2x' --gate 'error_rate<=0.01' --gate 'psi<=0.2' --on-failure rollback
+    ///       --gate 'latency_p95<=1.2x' --gate 'error_rate<=0.01' --gate 'psi<=0.2' \
+    ///       --on-failure rollback
+    #[command(verbatim_doc_comment)]
     Start {
         /// NAME@VERSION of a pushed bundle.
         #[arg(long, value_name = "NAME@VERSION")]

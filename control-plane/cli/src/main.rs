@@ -21,7 +21,8 @@ A first rollout:
   flotilla bundle push d1.flb --server http://127.0.0.1:8080
   flotilla rollout start --bundle digits@1 --server http://127.0.0.1:8080";
 
-/// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices and rollouts.
+/// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices, staged rollouts and
+/// drift.
 ///
 /// Offline commands (keygen, trust, bundle build/sign/verify/inspect) need no server. Commands
 /// that talk to a control plane take --server URL or FLOTILLA_SERVER.
