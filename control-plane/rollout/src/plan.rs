@@ -97,12 +97,44 @@ impl Plan {
 /// Which devices a wave adds. Percentages and counts are cumulative over the target's devices
 /// in hash order (`5%,25%,100%`: the first 5 %, then up to 25 %, then the rest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "WaveRepr")]
 pub enum Wave {
     Percent(f64),
     Count(u32),
     /// Devices matching a tag selector (e.g. `group=canary`).
     Selector(String),
+}
+
+/// A wave as plan files may write it: the CLI spelling (`"5%"`, `"10"`, `"group=canary"`) or
+/// the tagged form (`{percent = 5.0}`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WaveRepr {
+    Text(String),
+    Devices(u32),
+    Tagged(TaggedWave),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TaggedWave {
+    Percent(f64),
+    Count(u32),
+    Selector(String),
+}
+
+impl TryFrom<WaveRepr> for Wave {
+    type Error = RolloutError;
+
+    fn try_from(r: WaveRepr) -> Result<Wave, RolloutError> {
+        Ok(match r {
+            WaveRepr::Text(s) => Wave::parse(&s)?,
+            WaveRepr::Devices(n) => Wave::Count(n),
+            WaveRepr::Tagged(TaggedWave::Percent(p)) => Wave::Percent(p),
+            WaveRepr::Tagged(TaggedWave::Count(c)) => Wave::Count(c),
+            WaveRepr::Tagged(TaggedWave::Selector(s)) => Wave::Selector(s),
+        })
+    }
 }
 
 impl Wave {
@@ -251,6 +283,7 @@ impl Cmp {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "GateRepr")]
 pub struct Gate {
     pub metric: GateMetric,
     pub cmp: Cmp,
@@ -258,6 +291,31 @@ pub struct Gate {
     /// The threshold is a ratio to the previous version (`1.2x`).
     #[serde(default)]
     pub relative: bool,
+}
+
+/// A gate as plan files may write it: the CLI spelling (`"psi<=0.2"`) or the full form.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum GateRepr {
+    Text(String),
+    Full {
+        metric: GateMetric,
+        cmp: Cmp,
+        threshold: f64,
+        #[serde(default)]
+        relative: bool,
+    },
+}
+
+impl TryFrom<GateRepr> for Gate {
+    type Error = RolloutError;
+
+    fn try_from(r: GateRepr) -> Result<Gate, RolloutError> {
+        match r {
+            GateRepr::Text(s) => Gate::parse(&s),
+            GateRepr::Full { metric, cmp, threshold, relative } => Ok(Gate { metric, cmp, threshold, relative }),
+        }
+    }
 }
 
 impl Gate {
@@ -337,6 +395,27 @@ mod tests {
             assert!(Gate::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Gate::parse("latency_p95<=1.2x").unwrap().name(), "latency_p95<=1.2x");
+    }
+
+    #[test]
+    fn plan_files_take_the_cli_spellings_or_the_full_forms() {
+        let toml = r#"
+            waves = ["group=canary", "5%", 20, { percent = 100.0 }]
+            bake_secs = 600
+            gates = ["latency_p95<=1.2x", { metric = "psi", cmp = "<=", threshold = 0.2 }]
+            on_failure = "rollback"
+        "#;
+        let p: Plan = toml::from_str(toml).unwrap();
+        assert_eq!(
+            p.waves,
+            vec![Wave::Selector("group=canary".into()), Wave::Percent(5.0), Wave::Count(20), Wave::Percent(100.0)]
+        );
+        assert_eq!(p.gates, vec![Gate::parse("latency_p95<=1.2x").unwrap(), Gate::parse("psi<=0.2").unwrap()]);
+        assert_eq!(p.on_failure, OnFailure::Rollback);
+        // What the server stores round-trips.
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), p);
+        assert!(serde_json::from_str::<Plan>(r#"{"waves": ["5 %%"]}"#).is_err());
     }
 
     #[test]
