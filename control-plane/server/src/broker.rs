@@ -122,47 +122,81 @@ impl Handler for Hooks {
     }
 }
 
-/// A running embedded broker.
+/// A running embedded broker. It runs on a runtime of its own, so stopping it ends every task
+/// it spawned: the listener and each client's connection (rmqtt spawns one task per
+/// connection, which aborting its server task alone would leave serving).
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl EmbeddedBroker {
     pub async fn start(addr: SocketAddr, auth: Arc<BrokerAuth>) -> anyhow::Result<EmbeddedBroker> {
-        // rmqtt refuses connections when the host is busy (CPU > 90 %); a fleet server shares its host
-        // with builds and tests, so load shedding is off until it is made a setting.
-        let scx = ServerContext::new().busy_check_enable(false).build().await;
-        let reg = scx.extends.hook_mgr().register();
-        reg.add(Type::ClientAuthenticate, Box::new(Hooks(auth.clone()))).await;
-        reg.add(Type::MessagePublishCheckAcl, Box::new(Hooks(auth.clone()))).await;
-        reg.add(Type::ClientSubscribeCheckAcl, Box::new(Hooks(auth))).await;
-        reg.start().await;
-        let listener = Builder::new()
-            .name("external/tcp")
-            .laddr(addr)
-            .allow_anonymous(false)
-            .max_connections(100_000)
-            .max_handshaking_limit(10_000)
-            .backlog(4096)
-            .max_packet_size((flotilla_proto::MAX_PAYLOAD + 64 * 1024) as u32)
-            .max_inflight(std::num::NonZeroU16::new(100).expect("non-zero"))
-            .max_mqueue_len(10_000)
-            .bind()
-            .with_context(|| format!("binding the MQTT broker on {addr}"))?
-            .tcp()?;
-        let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = MqttServer::new(scx).listener_by_id(listener, 1).build().run().await {
-                tracing::error!(error = %e, "embedded broker stopped");
-            }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flotilla-mqtt")
+            .enable_all()
+            .build()
+            .context("starting the embedded broker's runtime")?;
+        let started = rt.spawn(async move {
+            // rmqtt refuses connections when the host is busy (CPU > 90 %); a fleet server shares
+            // its host with builds and tests, so load shedding is off until it is made a setting.
+            let scx = ServerContext::new().busy_check_enable(false).build().await;
+            let reg = scx.extends.hook_mgr().register();
+            reg.add(Type::ClientAuthenticate, Box::new(Hooks(auth.clone()))).await;
+            reg.add(Type::MessagePublishCheckAcl, Box::new(Hooks(auth.clone()))).await;
+            reg.add(Type::ClientSubscribeCheckAcl, Box::new(Hooks(auth))).await;
+            reg.start().await;
+            let listener = Builder::new()
+                .name("external/tcp")
+                .laddr(addr)
+                .allow_anonymous(false)
+                .max_connections(100_000)
+                .max_handshaking_limit(10_000)
+                .backlog(4096)
+                .reuseaddr(Some(true))
+                .max_packet_size((flotilla_proto::MAX_PAYLOAD + 64 * 1024) as u32)
+                .max_inflight(std::num::NonZeroU16::new(100).expect("non-zero"))
+                .max_mqueue_len(10_000)
+                .bind()
+                .with_context(|| format!("binding the MQTT broker on {addr}"))?
+                .tcp()?;
+            let addr = listener.local_addr()?;
+            tokio::spawn(async move {
+                if let Err(e) = MqttServer::new(scx).listener_by_id(listener, 1).build().run().await {
+                    tracing::error!(error = %e, "embedded broker stopped");
+                }
+            });
+            anyhow::Ok(addr)
         });
+        let addr = match started.await {
+            Ok(Ok(addr)) => addr,
+            failed => {
+                // A runtime may not be dropped (blocking) inside an async context.
+                rt.shutdown_background();
+                match failed {
+                    Ok(Err(e)) => return Err(e),
+                    _ => anyhow::bail!("the embedded broker failed to start"),
+                }
+            }
+        };
         tracing::info!(%addr, "embedded MQTT broker listening");
-        Ok(EmbeddedBroker { addr, task })
+        Ok(EmbeddedBroker { addr, rt: Some(rt) })
     }
 
-    pub fn stop(&self) {
-        self.task.abort();
+    /// Close the listener and every client connection.
+    pub fn stop(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
