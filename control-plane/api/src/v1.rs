@@ -246,3 +246,246 @@ pub struct SampleRecord {
     pub predicted: Vec<u32>,
     pub labels: Option<Vec<u32>>,
 }
+
+/// A model's retraining policy (`flotilla retrain policy set`): when a job starts, what data it
+/// trains on, which trainer runs, how the candidate must compare with the current model, and how
+/// it rolls out. Everything but `model` and `trainer` has a default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainPolicy {
+    pub model: String,
+    #[serde(default)]
+    pub trigger: RetrainTrigger,
+    #[serde(default)]
+    pub data: RetrainData,
+    pub trainer: RetrainTrainer,
+    #[serde(default)]
+    pub evaluation: RetrainEvaluation,
+    #[serde(default)]
+    pub rollout: RetrainRollout,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainTrigger {
+    /// Start a job when a drift alert on the model has lasted `windows` windows.
+    #[serde(default = "yes")]
+    pub on_alert: bool,
+    /// Windows in a row over a threshold (default: the alert's own, the bundle's `consecutive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<u32>,
+    /// No new automatic job for this long after the last one started.
+    #[serde(default = "hour")]
+    pub cooldown_secs: u64,
+}
+
+impl Default for RetrainTrigger {
+    fn default() -> Self {
+        RetrainTrigger { on_alert: true, windows: None, cooldown_secs: 3600 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainData {
+    /// Devices whose samples are collected (default: the alerting cohort, e.g. `group=field`;
+    /// for a manual job every device running the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The original training data, handed to the trainer as `FLOTILLA_TRAINING_DATA` (a path or
+    /// a URL; the server does not read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_data: Option<String>,
+    /// Fewer labelled samples than this and the job fails (labels come from
+    /// `POST /v2/models/{name}/feedback` on the devices).
+    #[serde(default = "fifty")]
+    pub min_labelled: u64,
+    /// How long to wait for the devices' sample uploads.
+    #[serde(default = "two_minutes")]
+    pub collect_secs: u64,
+    /// Share of the labelled samples kept out of training for the `samples` evaluation set.
+    #[serde(default = "three_tenths")]
+    pub holdout: f64,
+}
+
+impl Default for RetrainData {
+    fn default() -> Self {
+        RetrainData { selector: None, training_data: None, min_labelled: 50, collect_secs: 120, holdout: 0.3 }
+    }
+}
+
+/// Exactly one of `command` and `webhook`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainTrainer {
+    /// Program and arguments, run in the job's directory with `FLOTILLA_BASE_MODEL`,
+    /// `FLOTILLA_SAMPLES`, `FLOTILLA_TRAINING_DATA`, `FLOTILLA_OUTPUT`, `FLOTILLA_WORK_DIR`,
+    /// `FLOTILLA_JOB_ID`, `FLOTILLA_MODEL_NAME` and `FLOTILLA_BASE_VERSION` set. It writes the
+    /// candidate model to `FLOTILLA_OUTPUT` and exits 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// URL of an external pipeline: the server POSTs the job (with URLs of the base model and the
+    /// samples) and waits for the model at the job's `upload_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default = "hour")]
+    pub timeout_secs: u64,
+    /// More environment for the command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainEvaluation {
+    /// `accuracy` (top class against the label, computed by the server) or any name the
+    /// `evaluator` prints.
+    #[serde(default = "accuracy")]
+    pub metric: String,
+    #[serde(default = "yes")]
+    pub higher_is_better: bool,
+    /// The set the candidate must match or beat the current model on: `samples` (the held-out
+    /// share of the collected samples) or a path on the server to labelled v2 requests (JSON).
+    #[serde(default = "samples")]
+    pub heldout: String,
+    /// By how much it must beat it there (0: matching is enough).
+    #[serde(default)]
+    pub min_improvement: f64,
+    /// More sets on which the candidate may not lose more than `max_regression`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guard: Vec<String>,
+    #[serde(default = "two_hundredths")]
+    pub max_regression: f64,
+    /// Program and arguments that score a model: run with `FLOTILLA_MODEL`, `FLOTILLA_HELDOUT`
+    /// and `FLOTILLA_METRIC`, it prints a JSON object holding the metric (e.g.
+    /// `flotilla-trainer eval`). Default: the server computes accuracy itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluator: Vec<String>,
+}
+
+impl Default for RetrainEvaluation {
+    fn default() -> Self {
+        RetrainEvaluation {
+            metric: accuracy(),
+            higher_is_better: true,
+            heldout: samples(),
+            min_improvement: 0.0,
+            guard: vec![],
+            max_regression: 0.02,
+            evaluator: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainRollout {
+    /// `auto` starts the rollout as soon as the bundle is built and signed; `manual` waits for
+    /// `flotilla retrain approve`.
+    #[serde(default = "auto")]
+    pub approval: String,
+    /// A rollout plan (as `rollout start --plan`); its `target` defaults to the data selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Value>,
+    /// Drift baseline of the new bundle: `samples` (what the devices see now) or `previous`
+    /// (the current bundle's reference, kept as it is).
+    #[serde(default = "samples")]
+    pub baseline: String,
+}
+
+impl Default for RetrainRollout {
+    fn default() -> Self {
+        RetrainRollout { approval: auto(), plan: None, baseline: samples() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn hour() -> u64 {
+    3600
+}
+fn fifty() -> u64 {
+    50
+}
+fn two_minutes() -> u64 {
+    120
+}
+fn three_tenths() -> f64 {
+    0.3
+}
+fn two_hundredths() -> f64 {
+    0.02
+}
+fn accuracy() -> String {
+    "accuracy".into()
+}
+fn samples() -> String {
+    "samples".into()
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+/// `POST /api/v1/retrain/jobs`: start a job by hand.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrainStart {
+    pub model: String,
+    /// Devices whose samples to use (default: the policy's, else every device running it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// One evaluation of the current model and the candidate on a set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetrainScore {
+    pub set: String,
+    pub metric: String,
+    pub samples: u64,
+    pub current: f64,
+    pub candidate: f64,
+    /// `beat` (the held-out set) or `guard`.
+    pub role: String,
+    pub passed: bool,
+}
+
+/// A retraining job. `state`: `collecting`, `training`, `evaluating`, `building`,
+/// `awaiting_approval`, `rolling_out`, then `completed`, `rejected` (the candidate did not
+/// beat the current model), `failed` or `cancelled`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetrainJob {
+    pub id: String,
+    pub model: String,
+    pub state: String,
+    /// `manual`, or the alert that started it.
+    pub trigger: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_id: Option<i64>,
+    /// Devices whose samples were used.
+    pub selector: String,
+    pub base_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// Labelled samples: used for training and held out.
+    pub samples_train: u64,
+    pub samples_heldout: u64,
+    pub evaluation: Vec<RetrainScore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    /// Key ids that signed the candidate bundle.
+    #[serde(default)]
+    pub signers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
+    /// Why it waits, failed or was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub created: String,
+    pub updated: String,
+    /// What happened, oldest first (`[time] state: detail`).
+    #[serde(default)]
+    pub history: Vec<String>,
+}

@@ -66,11 +66,20 @@ pub struct DriftOptions {
     pub embeddings: Vec<String>,
     /// Bins per continuous signal's histogram.
     pub bins: usize,
+    /// Watch exactly these signals (with their class counts) instead of choosing them from the
+    /// signature: a retrained model keeps its predecessor's.
+    pub signals: Option<Vec<(Signal, u32)>>,
 }
 
 impl Default for DriftOptions {
     fn default() -> Self {
-        DriftOptions { config: DriftConfig::default(), inputs: Vec::new(), embeddings: Vec::new(), bins: 10 }
+        DriftOptions {
+            config: DriftConfig::default(),
+            inputs: Vec::new(),
+            embeddings: Vec::new(),
+            bins: 10,
+            signals: None,
+        }
     }
 }
 
@@ -364,6 +373,25 @@ pub fn signals(sig: &ModelSignature, opts: &DriftOptions) -> Result<Vec<(Signal,
     Ok(out)
 }
 
+/// The options that rebuild `previous`'s profile on new reference data: the same signals,
+/// configuration and number of bins.
+pub fn options_of(previous: &Profile) -> DriftOptions {
+    let bins = previous
+        .signals
+        .iter()
+        .filter(|s| s.signal.kind == Kind::Continuous)
+        .map(|s| s.baseline.hist.edges.len().saturating_sub(1))
+        .max()
+        .filter(|&b| b > 0)
+        .unwrap_or(10);
+    let signals = previous
+        .signals
+        .iter()
+        .map(|s| (s.signal.clone(), s.baseline.hist.edges.len().saturating_sub(1) as u32))
+        .collect();
+    DriftOptions { config: previous.config.clone(), bins, signals: Some(signals), ..DriftOptions::default() }
+}
+
 /// Runs the model over the reference data and builds the profile.
 pub fn profile(
     model: &[u8],
@@ -372,7 +400,10 @@ pub fn profile(
     reference: &Reference,
     opts: &DriftOptions,
 ) -> Result<Profile, BuildError> {
-    let mut signals = signals(sig, opts)?;
+    let mut signals = match &opts.signals {
+        Some(s) => s.clone(),
+        None => signals(sig, opts)?,
+    };
     let settings = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
     let runtimes = Runtimes::with_tflite(None).unwrap_or_default();
     let loaded = runtimes.load(model, sig, &settings)?;

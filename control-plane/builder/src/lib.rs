@@ -60,6 +60,9 @@ pub struct BuildOptions {
     pub delta_only: bool,
     /// Drift baseline: reference data and what to watch (`--baseline`, `--drift-*`).
     pub drift: Option<(baseline::Reference, baseline::DriftOptions)>,
+    /// Without `drift`: store this drift profile as it is (a successor keeping its
+    /// predecessor's baseline).
+    pub profile: Option<flotilla_drift::Profile>,
 }
 
 impl BuildOptions {
@@ -86,6 +89,7 @@ impl BuildOptions {
             delta_base: None,
             delta_only: false,
             drift: None,
+            profile: None,
         }
     }
 }
@@ -198,8 +202,11 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         });
     }
     let mut profile = None;
-    if let Some((reference, drift)) = &opts.drift {
-        let p = baseline::profile(&opts.model, &model_signature, &runtime, reference, drift)?;
+    let computed = match &opts.drift {
+        Some((reference, drift)) => Some(baseline::profile(&opts.model, &model_signature, &runtime, reference, drift)?),
+        None => opts.profile.clone(),
+    };
+    if let Some(p) = computed {
         artifacts.push(ArtifactInput {
             name: "baseline".into(),
             role: Role::Baseline,
@@ -249,6 +256,55 @@ pub fn model_of(bundle: &[u8]) -> Result<Vec<u8>, BuildError> {
         )));
     }
     Ok(flotilla_bundle::format::extract_artifact_to_vec(&mut std::io::Cursor::new(bundle), off, a, None, 8 << 30)?)
+}
+
+/// Options that build `model` as the successor of `previous` (a bundle file): the same runtime
+/// settings, health checks and golden inputs (their outputs are computed again on the new
+/// model), and the previous drift profile, whose signals and configuration a new baseline keeps.
+/// The retraining loop builds its candidates with this.
+pub fn successor_of(
+    previous: &[u8],
+    model: Vec<u8>,
+    version: u64,
+    created: u64,
+) -> Result<(BuildOptions, Option<flotilla_drift::Profile>), BuildError> {
+    let (doc, off) = flotilla_bundle::format::parse_envelope(previous)?;
+    let m = flotilla_bundle::verify::decode_manifest(&doc.signed)?;
+    let artifact = |role: Role| -> Result<Option<Vec<u8>>, BuildError> {
+        let Some(a) = m.artifact(role) else { return Ok(None) };
+        Ok(Some(flotilla_bundle::format::extract_artifact_to_vec(
+            &mut std::io::Cursor::new(previous),
+            off,
+            a,
+            None,
+            1 << 30,
+        )?))
+    };
+    let mut opts = BuildOptions::new(&m.name, version, model, created);
+    opts.golden_tolerance = m.health.golden_tolerance;
+    opts.latency_budget_us = m.health.latency_budget_us;
+    opts.bake_secs = m.health.bake_secs;
+    opts.max_error_rate = m.health.max_error_rate;
+    opts.max_latency_p95_us = m.health.max_latency_p95_us;
+    opts.delegate = m.runtime.delegate.clone();
+    opts.accelerator_required = m.runtime.accelerator_required;
+    opts.threads = m.runtime.threads;
+    opts.backends = m.runtime.backends.clone();
+    if let Some(bytes) = artifact(Role::Golden)? {
+        let set = flotilla_bundle::golden::GoldenSet::decode(&bytes)?;
+        for case in set.cases {
+            let inputs = case.inputs.iter().map(Tensor::from_golden).collect::<Result<Vec<_>, _>>()?;
+            opts.golden.push(inputs);
+        }
+    }
+    let profile = match artifact(Role::Baseline)? {
+        Some(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| BuildError::Input(format!("the previous bundle's drift profile: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok((opts, profile))
 }
 
 /// Check golden inputs against the signature (used before running them).

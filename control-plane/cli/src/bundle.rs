@@ -201,7 +201,13 @@ impl DriftArgs {
         );
         Ok(Some((
             reference,
-            DriftOptions { config, inputs, embeddings: self.drift_embedding.clone(), bins: self.drift_bins },
+            DriftOptions {
+                config,
+                inputs,
+                embeddings: self.drift_embedding.clone(),
+                bins: self.drift_bins,
+                signals: None,
+            },
         )))
     }
 }

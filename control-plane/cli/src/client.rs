@@ -47,6 +47,40 @@ impl Client {
         self.handle(path, self.http.post(format!("{}{path}", self.base)).json(body).send())
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.handle(path, self.http.put(format!("{}{path}", self.base)).json(body).send())
+    }
+
+    /// DELETE; success has no body.
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let r = self.http.delete(format!("{}{path}", self.base)).send();
+        let r = r.with_context(|| format!("cannot reach the control plane at {} ({path})", self.base))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        let status = r.status();
+        let body = r.bytes()?;
+        match serde_json::from_slice::<ApiError>(&body) {
+            Ok(e) => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
+            Err(_) => bail!("{path}: HTTP {status}"),
+        }
+    }
+
+    /// GET raw bytes (files).
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let r = self.http.get(format!("{}{path}", self.base)).send();
+        let r = r.with_context(|| format!("cannot reach the control plane at {} ({path})", self.base))?;
+        let status = r.status();
+        let body = r.bytes()?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
+                Err(_) => bail!("{path}: HTTP {status}"),
+            }
+        }
+        Ok(body.to_vec())
+    }
+
     pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> anyhow::Result<T> {
         self.handle(
             path,

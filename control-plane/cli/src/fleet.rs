@@ -11,6 +11,79 @@ use flotilla_rollout::{Gate, OnFailure, Plan, Wave};
 use crate::client::Client;
 use crate::output::{self, Output};
 
+/// How a rollout proceeds: waves, bake, gates, what to do on failure (`rollout start`, and a
+/// retraining policy's rollout).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct PlanArgs {
+    /// Waves, cumulative: percentages (5%), device counts (10) or tag selectors
+    /// (group=canary), comma-separated. Default: 100%.
+    #[arg(long, value_name = "WAVES")]
+    pub waves: Option<String>,
+    /// How long each wave's devices run the new version before its gates are judged (30s,
+    /// 10m).
+    #[arg(long, value_name = "DURATION")]
+    pub bake: Option<String>,
+    /// A gate every wave must pass (repeatable): install_success>=0.95, self_test_pass>=1,
+    /// error_rate<=0.01, latency_p95<=1.2x (vs the previous version) or <=80ms, psi<=0.2
+    /// (also js, ks, wasserstein), accelerator_fallback<=0. Default: install_success>=1.
+    #[arg(long = "gate", value_name = "GATE")]
+    pub gates: Vec<String>,
+    /// When a gate fails: pause (devices keep what they have) or rollback (updated devices
+    /// go back to their previous version).
+    #[arg(long, value_name = "POLICY", value_parser = ["pause", "rollback"])]
+    pub on_failure: Option<String>,
+    /// Devices that must report health on the new version before a health gate may pass.
+    #[arg(long, value_name = "N")]
+    pub min_reporting: Option<u32>,
+    /// The whole plan as a TOML or JSON file (flags given too override it).
+    #[arg(long, value_name = "FILE")]
+    pub plan: Option<std::path::PathBuf>,
+}
+
+impl PlanArgs {
+    /// The plan these flags describe, or None when none was given.
+    pub fn plan(&self) -> anyhow::Result<Option<Plan>> {
+        let given = self.waves.is_some()
+            || self.bake.is_some()
+            || !self.gates.is_empty()
+            || self.on_failure.is_some()
+            || self.min_reporting.is_some()
+            || self.plan.is_some();
+        if !given {
+            return Ok(None);
+        }
+        let mut p = match &self.plan {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading plan {}: {e}", path.display()))?;
+                if text.trim_start().starts_with('{') {
+                    serde_json::from_str::<Plan>(&text)?
+                } else {
+                    toml::from_str::<Plan>(&text).map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?
+                }
+            }
+            None => Plan { gates: vec![Gate::parse("install_success>=1")?], ..Plan::all_at_once() },
+        };
+        if let Some(w) = &self.waves {
+            p.waves = Wave::parse_list(w)?;
+        }
+        if let Some(b) = &self.bake {
+            p.bake_secs = crate::bundle::parse_duration(b)?.as_secs();
+        }
+        if !self.gates.is_empty() {
+            p.gates = self.gates.iter().map(|g| Gate::parse(g)).collect::<Result<_, _>>()?;
+        }
+        if let Some(f) = self.on_failure.as_deref() {
+            p.on_failure = if f == "rollback" { OnFailure::Rollback } else { OnFailure::Pause };
+        }
+        if let Some(n) = self.min_reporting {
+            p.min_reporting = n;
+        }
+        p.validate()?;
+        Ok(Some(p))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DevicesCmd {
     /// List registered devices.
@@ -115,32 +188,11 @@ pub enum RolloutCmd {
         /// Limit to these devices (repeatable).
         #[arg(long = "device", value_name = "ID")]
         devices: Vec<String>,
-        /// Waves, cumulative: percentages (5%), device counts (10) or tag selectors
-        /// (group=canary), comma-separated. Default: 100%.
-        #[arg(long, value_name = "WAVES")]
-        waves: Option<String>,
-        /// How long each wave's devices run the new version before its gates are judged (30s,
-        /// 10m).
-        #[arg(long, value_name = "DURATION")]
-        bake: Option<String>,
-        /// A gate every wave must pass (repeatable): install_success>=0.95, self_test_pass>=1,
-        /// error_rate<=0.01, latency_p95<=1.2x (vs the previous version) or <=80ms, psi<=0.2
-        /// (also js, ks, wasserstein), accelerator_fallback<=0. Default: install_success>=1.
-        #[arg(long = "gate", value_name = "GATE")]
-        gates: Vec<String>,
-        /// When a gate fails: pause (devices keep what they have) or rollback (updated devices
-        /// go back to their previous version).
-        #[arg(long, value_name = "POLICY", value_parser = ["pause", "rollback"])]
-        on_failure: Option<String>,
         /// Only devices whose tags (and facts: id, arch) match, e.g. -l 'arch=aarch64,group!=lab'.
         #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
         selector: Option<String>,
-        /// Devices that must report health on the new version before a health gate may pass.
-        #[arg(long, value_name = "N")]
-        min_reporting: Option<u32>,
-        /// The whole plan as a TOML or JSON file (flags given too override it).
-        #[arg(long, value_name = "FILE")]
-        plan: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        plan: PlanArgs,
     },
     /// Show a rollout: state, reason, waves with their gates, and each device.
     Status { id: String },
@@ -446,36 +498,13 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
         };
     }
     match cmd {
-        RolloutCmd::Start { bundle, devices, waves, bake, gates, on_failure, selector, min_reporting, plan } => {
-            let mut p = match &plan {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| anyhow::anyhow!("reading plan {}: {e}", path.display()))?;
-                    if text.trim_start().starts_with('{') {
-                        serde_json::from_str::<Plan>(&text)?
-                    } else {
-                        toml::from_str::<Plan>(&text).map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?
-                    }
-                }
+        RolloutCmd::Start { bundle, devices, selector, plan } => {
+            let mut p = match plan.plan()? {
+                Some(p) => p,
                 None => Plan { gates: vec![Gate::parse("install_success>=1")?], ..Plan::all_at_once() },
             };
-            if let Some(w) = &waves {
-                p.waves = Wave::parse_list(w)?;
-            }
-            if let Some(b) = &bake {
-                p.bake_secs = crate::bundle::parse_duration(b)?.as_secs();
-            }
-            if !gates.is_empty() {
-                p.gates = gates.iter().map(|g| Gate::parse(g)).collect::<Result<_, _>>()?;
-            }
-            if let Some(f) = on_failure.as_deref() {
-                p.on_failure = if f == "rollback" { OnFailure::Rollback } else { OnFailure::Pause };
-            }
             if let Some(sel) = selector {
                 p.target = sel;
-            }
-            if let Some(n) = min_reporting {
-                p.min_reporting = n;
             }
             p.validate()?;
             let req = RolloutCreate { bundle, devices, plan: Some(serde_json::to_value(&p)?) };

@@ -5,6 +5,7 @@ mod client;
 mod fleet;
 mod keys;
 mod output;
+mod retrain;
 
 use std::path::PathBuf;
 
@@ -21,8 +22,8 @@ A first rollout:
   flotilla bundle push d1.flb --server http://127.0.0.1:8080
   flotilla rollout start --bundle digits@1 --server http://127.0.0.1:8080";
 
-/// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices, staged rollouts and
-/// drift.
+/// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices, staged rollouts,
+/// drift and retraining.
 ///
 /// Offline commands (keygen, trust, bundle build/sign/verify/inspect) need no server. Commands
 /// that talk to a control plane take --server URL or FLOTILLA_SERVER.
@@ -66,6 +67,10 @@ enum Cmd {
     /// Drift alerts.
     #[command(subcommand)]
     Alerts(fleet::AlertsCmd),
+    /// Retraining: policies (drift alert → samples → trainer → must beat the current model →
+    /// signed bundle → staged rollout) and their jobs.
+    #[command(subcommand)]
+    Retrain(retrain::RetrainCmd),
 }
 
 fn main() {
@@ -78,6 +83,7 @@ fn main() {
         Cmd::Rollout(c) => fleet::rollout(c, cli.server.as_deref(), cli.output),
         Cmd::Drift(c) => fleet::drift(c, cli.server.as_deref(), cli.output),
         Cmd::Alerts(c) => fleet::alerts(c, cli.server.as_deref(), cli.output),
+        Cmd::Retrain(c) => retrain::run(c, cli.server.as_deref(), cli.output),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -630,3 +630,98 @@ async fn staged_rollouts_and_their_commands_through_the_cli() {
     assert_eq!(states, ["completed", "aborted"]);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retraining_policies_and_jobs_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
+    let server = fleet.api();
+    let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
+    for id in ["dev-0", "dev-1"] {
+        ok(&["devices", "tag", id, "group=field"], Some(&server));
+    }
+    let mut b = flotilla_builder::BuildOptions::new("digits", 1, digits::MODEL.to_vec(), flotilla_demo::unix_now());
+    b.golden = digits::golden(&digits::samples()[..1]);
+    let config =
+        flotilla_drift::DriftConfig { sample: Some(flotilla_drift::SamplePolicy { size: 100 }), ..Default::default() };
+    b.drift =
+        Some((digits::baseline_reference(), flotilla_builder::baseline::DriftOptions { config, ..Default::default() }));
+    fleet.push(fleet.build_signed(&b).unwrap()).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(r.unwrap().state, "completed");
+    let (images, labels) = (digits::baseline_images(), digits::baseline_labels());
+    for k in 0..10usize {
+        for id in ["dev-0", "dev-1"] {
+            let picks: Vec<usize> = (k * 8..k * 8 + 8).collect();
+            let batch: Vec<Vec<f32>> = picks.iter().map(|&p| digits::brightened(&images[p], p as u64)).collect();
+            let resp = fleet.infer(id, "digits", &digits::images_request(&batch)).await.unwrap();
+            let truth: Vec<u32> = picks.iter().map(|&p| labels[p]).collect();
+            fleet.feedback(id, "digits", resp.id.as_deref().unwrap(), &truth).await.unwrap();
+        }
+    }
+
+    // A policy without a trainer is refused with what to add.
+    let bad = flotilla(&["retrain", "policy", "set", "--model", "digits"], Some(&server));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("trainer needs a `command` or a `webhook`"), "{bad:?}");
+    // A policy file (a trainer that hands the model back: matching v1 is enough here), flags on top.
+    let file = d.join("policy.toml");
+    std::fs::write(
+        &file,
+        r#"
+[trainer]
+command = ["sh", "-c", "echo retraining $FLOTILLA_MODEL_NAME; cp \"$FLOTILLA_BASE_MODEL\" \"$FLOTILLA_OUTPUT\""]
+
+[data]
+min_labelled = 50
+"#,
+    )
+    .unwrap();
+    let set = json(&[
+        "retrain",
+        "policy",
+        "set",
+        "--model",
+        "digits",
+        "--file",
+        s(&file),
+        "--manual-only",
+        "--approval",
+        "manual",
+        "--waves",
+        "1,100%",
+        "--gate",
+        "install_success>=1",
+        "-o",
+        "json",
+    ]);
+    let p = &set[0];
+    assert_eq!((p["model"].as_str(), p["trigger"]["on_alert"].as_bool()), (Some("digits"), Some(false)));
+    assert_eq!(p["evaluation"]["heldout"], "samples");
+    assert_eq!(p["rollout"]["plan"]["waves"].as_array().unwrap().len(), 2);
+    assert!(ok(&["retrain", "policy", "show", "--model", "digits"], Some(&server)).contains("approval = \"manual\""));
+    assert_eq!(json(&["retrain", "policy", "ls", "-o", "json"]).as_array().unwrap().len(), 1);
+
+    let id = ok(&["retrain", "start", "--model", "digits", "-l", "group=field"], Some(&server)).trim().to_string();
+    let again = flotilla(&["retrain", "start", "--model", "digits"], Some(&server));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("job_running"), "one job per model at a time: {again:?}");
+    let j = json(&["retrain", "status", &id, "--wait", "--timeout", "120", "-o", "json"]);
+    assert_eq!(j["state"], "awaiting_approval", "{j}");
+    assert_eq!(j["evaluation"][0]["passed"], true);
+    assert_eq!(j["evaluation"][0]["current"], j["evaluation"][0]["candidate"]);
+    assert_eq!(j["bundle"], "digits@2");
+    assert!(ok(&["retrain", "log", &id], Some(&server)).contains("retraining digits"));
+    let table = ok(&["retrain", "ls"], Some(&server));
+    assert!(table.contains("awaiting_approval") && table.contains("v1→v2"), "{table}");
+
+    let j = json(&["retrain", "approve", &id, "-o", "json"]);
+    assert_eq!(j["state"], "rolling_out", "{j}");
+    let rollout = j["rollout_id"].as_str().unwrap().to_string();
+    assert_eq!(fleet.wait_rollout(&rollout, Duration::from_secs(60)).await.unwrap().state, "completed");
+    fleet.wait_job(&id, &["completed"], Duration::from_secs(30)).await.unwrap();
+    let refused = flotilla(&["retrain", "cancel", &id], Some(&server));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already completed"), "{refused:?}");
+    ok(&["retrain", "policy", "rm", "--model", "digits"], Some(&server));
+    assert!(json(&["retrain", "policy", "ls", "-o", "json"]).as_array().unwrap().is_empty());
+    fleet.shutdown().await;
+}

@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_api::v1::{
-    ApiError, Bundle, Device, DeviceModel, DriftAlert, DriftRow, Event, Rollout, RolloutCreate, RolloutCreated,
-    RolloutDevice, SampleRecord, SampleUploadDevice, SamplesPull, SamplesPulled, TagsUpdate, TrustRootPushed,
+    ApiError, Bundle, Device, DeviceModel, DriftAlert, DriftRow, Event, RetrainJob, RetrainPolicy, RetrainStart,
+    Rollout, RolloutCreate, RolloutCreated, RolloutDevice, SampleRecord, SampleUploadDevice, SamplesPull,
+    SamplesPulled, TagsUpdate, TrustRootPushed,
 };
 use flotilla_bundle::TrustedRoot;
 use flotilla_proto::tags::{Selector, valid_tag_part};
@@ -39,16 +40,34 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
         .route("/api/v1/rollouts/{id}", get(get_rollout))
         .route("/api/v1/rollouts/{id}/{command}", axum::routing::post(command_rollout))
+        .route("/api/v1/retrain/policies", get(list_policies))
+        .route("/api/v1/retrain/policies/{model}", get(get_policy).put(put_policy).delete(delete_policy))
+        .route("/api/v1/retrain/jobs", get(list_jobs).post(start_job))
+        .route("/api/v1/retrain/jobs/{id}", get(get_job))
+        .route("/api/v1/retrain/jobs/{id}/approve", axum::routing::post(approve_job))
+        .route("/api/v1/retrain/jobs/{id}/cancel", axum::routing::post(cancel_job))
+        .route("/api/v1/retrain/jobs/{id}/candidate", axum::routing::post(upload_candidate))
+        .route("/api/v1/retrain/jobs/{id}/files/{name}", get(job_file))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/trust/root", get(get_root).post(push_root))
         .layer(DefaultBodyLimit::max(MAX_BUNDLE))
         .with_state(shared)
 }
 
-pub struct Error(StatusCode, ApiError);
+pub struct Error(pub StatusCode, pub ApiError);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.1.message)?;
+        match &self.1.hint {
+            Some(h) => write!(f, " ({h})"),
+            None => Ok(()),
+        }
+    }
+}
 
 impl Error {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
         Error(status, ApiError { code: code.into(), message: message.into(), hint: hint.map(String::from) })
     }
 }
@@ -211,17 +230,29 @@ async fn pull_samples(
     body: std::result::Result<Json<SamplesPull>, JsonRejection>,
 ) -> Result<Json<SamplesPulled>> {
     let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
-    let sel = selector(req.selector.as_deref())?;
+    let (upload_id, devices) = request_samples(&s, &req.model, req.version, req.selector.as_deref()).await?;
+    Ok(Json(SamplesPulled { upload_id, devices }))
+}
+
+/// Ask every online device that the selector picks and that runs the model (that version) for
+/// its reservoir sample; returns the upload id and the devices asked.
+pub async fn request_samples(
+    s: &Shared,
+    model: &str,
+    version: Option<u64>,
+    selector_text: Option<&str>,
+) -> Result<(String, Vec<String>)> {
+    let sel = selector(selector_text)?;
     let upload_id = format!("u-{}", crate::new_id());
     let mut devices = Vec::new();
     for d in s.store.devices()?.into_iter().map(device) {
-        let runs = d.models.iter().any(|m| m.name == req.model && req.version.is_none_or(|v| v == m.version));
+        let runs = d.models.iter().any(|m| m.name == model && version.is_none_or(|v| v == m.version));
         if d.online && runs && sel.matches(&d.tags) {
-            s.store.add_sample_upload(&upload_id, &d.id, &req.model, now_s())?;
+            s.store.add_sample_upload(&upload_id, &d.id, model, now_s())?;
             let cmd = flotilla_proto::Command::UploadSamples(flotilla_proto::SampleRequest {
                 upload_id: upload_id.clone(),
-                model: req.model.clone(),
-                version: req.version,
+                model: model.into(),
+                version,
             });
             let payload = flotilla_proto::encode(&flotilla_proto::Msg::new(crate::new_id(), crate::now_ms(), cmd));
             s.mqtt
@@ -240,11 +271,11 @@ async fn pull_samples(
         return Err(Error::new(
             StatusCode::NOT_FOUND,
             "no_devices",
-            format!("no online device matching the selector runs {}", req.model),
+            format!("no online device matching the selector runs {model}"),
             Some("see `flotilla devices ls` for what runs where"),
         ));
     }
-    Ok(Json(SamplesPulled { upload_id, devices }))
+    Ok((upload_id, devices))
 }
 
 async fn sample_upload(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Vec<SampleUploadDevice>>> {
@@ -445,6 +476,13 @@ async fn create_rollout(
             return Err(Error::new(StatusCode::NOT_FOUND, "device_not_found", format!("no device {d:?}"), None));
         }
     }
+    let id = start_rollout(&s, &b, req.plan, &req.devices)?;
+    Ok((StatusCode::CREATED, Json(RolloutCreated { id })))
+}
+
+/// Validate a plan (default: one wave gated on every install succeeding), narrow its target to
+/// `devices` when given, and store the new rollout for the driver.
+pub fn start_rollout(s: &Shared, b: &BundleRow, plan: Option<serde_json::Value>, devices: &[String]) -> Result<String> {
     let bad_plan = |e: String| {
         Error::new(
             StatusCode::BAD_REQUEST,
@@ -453,15 +491,15 @@ async fn create_rollout(
             Some("e.g. --waves 5%,25%,100% --bake 10m --gate 'latency_p95<=1.2x' --gate 'psi<=0.2'"),
         )
     };
-    let mut plan: flotilla_rollout::Plan = match req.plan {
+    let mut plan: flotilla_rollout::Plan = match plan {
         Some(v) => serde_json::from_value(v).map_err(|e| bad_plan(e.to_string()))?,
         None => flotilla_rollout::Plan {
             gates: vec![flotilla_rollout::Gate::parse("install_success>=1").expect("a valid gate")],
             ..flotilla_rollout::Plan::all_at_once()
         },
     };
-    if !req.devices.is_empty() {
-        let ids = format!("id in ({})", req.devices.join(","));
+    if !devices.is_empty() {
+        let ids = format!("id in ({})", devices.join(","));
         plan.target = if plan.target.trim().is_empty() { ids } else { format!("{},{ids}", plan.target) };
     }
     plan.validate().map_err(|e| bad_plan(e.to_string()))?;
@@ -486,8 +524,8 @@ async fn create_rollout(
     );
     s.store.create_rollout(&id, &b.id, &plan_json, &engine_json, now_s())?;
     s.wake.notify_one();
-    tracing::info!(rollout = %id, bundle = %req.bundle, devices = matching, waves = plan.waves.len(), "rollout started");
-    Ok((StatusCode::CREATED, Json(RolloutCreated { id })))
+    tracing::info!(rollout = %id, bundle = %format!("{}@{}", b.name, b.version), devices = matching, waves = plan.waves.len(), "rollout started");
+    Ok(id)
 }
 
 fn rollout_view(s: &Shared, id: &str) -> anyhow::Result<Option<Rollout>> {
@@ -705,6 +743,174 @@ async fn push_root(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(StatusC
     }
     tracing::info!(version, devices = sent, "trust root updated");
     Ok((StatusCode::CREATED, Json(TrustRootPushed { version, devices: sent })))
+}
+
+// ---- retraining ----
+
+fn no_policy(model: &str) -> Error {
+    Error::new(
+        StatusCode::NOT_FOUND,
+        "policy_not_found",
+        format!("no retraining policy for {model:?}"),
+        Some("set one with `flotilla retrain policy set --model NAME --trainer-command '...'` or `--file policy.toml`"),
+    )
+}
+
+fn no_job(id: &str) -> Error {
+    Error::new(
+        StatusCode::NOT_FOUND,
+        "job_not_found",
+        format!("no retraining job {id:?}"),
+        Some("list jobs with `flotilla retrain ls`"),
+    )
+}
+
+async fn list_policies(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainPolicy>>> {
+    Ok(Json(crate::retrain::policies(&s)?))
+}
+
+async fn get_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<Json<RetrainPolicy>> {
+    crate::retrain::policy(&s, &model)?.map(Json).ok_or_else(|| no_policy(&model))
+}
+
+async fn put_policy(
+    State(s): State<Arc<Shared>>,
+    Path(model): Path<String>,
+    body: std::result::Result<Json<RetrainPolicy>, JsonRejection>,
+) -> Result<Json<RetrainPolicy>> {
+    let bad = |m: String| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_policy",
+            m,
+            Some("see `flotilla retrain policy set --help` for the fields"),
+        )
+    };
+    let Json(p) = body.map_err(|e| bad(e.body_text()))?;
+    if p.model != model {
+        return Err(bad(format!("the policy is for {:?} but was sent to {model:?}", p.model)));
+    }
+    crate::retrain::validate(&p).map_err(bad)?;
+    s.store.set_retrain_policy(&model, &serde_json::to_string(&p).map_err(anyhow::Error::from)?, now_s())?;
+    Ok(Json(p))
+}
+
+async fn delete_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<StatusCode> {
+    if s.store.delete_retrain_policy(&model)? { Ok(StatusCode::NO_CONTENT) } else { Err(no_policy(&model)) }
+}
+
+async fn list_jobs(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainJob>>> {
+    Ok(Json(crate::retrain::jobs(&s)?.into_iter().map(|d| d.job).collect()))
+}
+
+async fn get_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<RetrainJob>> {
+    crate::retrain::job(&s, &id)?.map(|d| Json(d.job)).ok_or_else(|| no_job(&id))
+}
+
+async fn start_job(
+    State(s): State<Arc<Shared>>,
+    body: std::result::Result<Json<RetrainStart>, JsonRejection>,
+) -> Result<(StatusCode, Json<RetrainJob>)> {
+    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let p = crate::retrain::policy(&s, &req.model)?.ok_or_else(|| no_policy(&req.model))?;
+    let sel_text = req.selector.clone().or_else(|| p.data.selector.clone()).unwrap_or_default();
+    let sel = selector(Some(&sel_text))?;
+    if let Some(j) = crate::retrain::jobs(&s)?
+        .into_iter()
+        .find(|j| j.job.model == req.model && crate::retrain::ACTIVE.contains(&j.job.state.as_str()))
+    {
+        return Err(Error::new(
+            StatusCode::CONFLICT,
+            "job_running",
+            format!("job {} for {} is still {}", j.job.id, req.model, j.job.state),
+            Some("wait for it, or stop it with `flotilla retrain cancel ID`"),
+        ));
+    }
+    // The version the selected devices run most (ties: the newest).
+    let mut counts: std::collections::BTreeMap<u64, u32> = Default::default();
+    for d in s.store.devices()?.into_iter().map(device).filter(|d| sel.matches(&d.tags)) {
+        for m in d.models.iter().filter(|m| m.name == req.model) {
+            *counts.entry(m.version).or_default() += 1;
+        }
+    }
+    let Some(version) = counts.iter().max_by_key(|(v, n)| (**n, **v)).map(|(v, _)| *v) else {
+        return Err(Error::new(
+            StatusCode::CONFLICT,
+            "no_devices",
+            format!("no device matching {sel_text:?} runs {}", req.model),
+            Some("see `flotilla devices ls` for what runs where"),
+        ));
+    };
+    let shown = if sel_text.is_empty() { "every device".to_string() } else { sel_text.clone() };
+    let d = crate::retrain::open(&s, &p, version, sel_text, format!("manual, samples from {shown}"), None)?;
+    Ok((StatusCode::CREATED, Json(d.job)))
+}
+
+async fn approve_job(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Result<Json<RetrainJob>> {
+    crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
+    let s2 = s.clone();
+    let res =
+        tokio::task::spawn_blocking(move || crate::retrain::approve(&s2, &id, (!body.is_empty()).then_some(&body[..])))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+    res.map(|d| Json(d.job)).map_err(|m| {
+        Error::new(StatusCode::CONFLICT, "cannot_approve", m, Some("see the job with `flotilla retrain status ID`"))
+    })
+}
+
+async fn cancel_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<RetrainJob>> {
+    crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
+    crate::retrain::cancel(&s, &id)
+        .map(|d| Json(d.job))
+        .map_err(|m| Error::new(StatusCode::CONFLICT, "cannot_cancel", m, None))
+}
+
+async fn upload_candidate(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<RetrainJob>> {
+    let d = crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
+    let accepted = crate::retrain::accept_candidate(&s, &id, &body)
+        .map_err(|e| Error::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_model", format!("{e:#}"), None))?;
+    if !accepted {
+        return Err(Error::new(
+            StatusCode::CONFLICT,
+            "not_training",
+            format!("job {id} is {}, not waiting for a model", d.job.state),
+            None,
+        ));
+    }
+    crate::retrain::job(&s, &id)?.map(|d| Json(d.job)).ok_or_else(|| no_job(&id))
+}
+
+/// The job's files a pipeline or an operator may fetch.
+const JOB_FILES: [(&str, &str); 8] = [
+    ("base-model", "application/octet-stream"),
+    ("candidate-model", "application/octet-stream"),
+    ("samples.json", "application/json"),
+    ("heldout.json", "application/json"),
+    ("reference.json", "application/json"),
+    ("candidate.flb", "application/vnd.flotilla.bundle"),
+    ("trainer.log", "text/plain; charset=utf-8"),
+    ("evaluator.log", "text/plain; charset=utf-8"),
+];
+
+async fn job_file(State(s): State<Arc<Shared>>, Path((id, name)): Path<(String, String)>) -> Result<Response> {
+    crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
+    let Some((_, media)) = JOB_FILES.iter().find(|(n, _)| *n == name) else {
+        let names: Vec<&str> = JOB_FILES.iter().map(|(n, _)| *n).collect();
+        return Err(Error::new(
+            StatusCode::NOT_FOUND,
+            "file_not_found",
+            format!("a job has no file {name:?} (it has {})", names.join(", ")),
+            None,
+        ));
+    };
+    match tokio::fs::read(s.retrain.job_dir(&id).join(&name)).await {
+        Ok(bytes) => Ok(([(header::CONTENT_TYPE, *media)], bytes).into_response()),
+        Err(_) => Err(Error::new(StatusCode::NOT_FOUND, "file_not_found", format!("job {id} has no {name} yet"), None)),
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod drift;
 pub mod driver;
 pub mod fleet;
 pub mod http;
+pub mod retrain;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -53,6 +54,10 @@ pub struct ServerConfig {
     pub drift_cohort_key: String,
     /// Drift: the aggregation period for reports of count windows (time windows use their own).
     pub drift_period_secs: u64,
+    /// Retraining: the key the server signs retrained bundles with (an automation key the trust
+    /// root lists among its `targets` signers). Without it, retrained bundles wait for a key
+    /// holder's `flotilla retrain approve --key`.
+    pub retrain_key: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -70,6 +75,7 @@ impl ServerConfig {
             chunk_size: flotilla_proto::DEFAULT_CHUNK_SIZE,
             drift_cohort_key: "group".into(),
             drift_period_secs: 60,
+            retrain_key: None,
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct Shared {
     pub profiles: drift::Profiles,
     pub drift_cohort_key: String,
     pub drift_period_ms: u64,
+    pub retrain: retrain::Retrain,
 }
 
 pub struct Server {
@@ -111,6 +118,18 @@ impl Server {
         let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
         let files = BundleFiles::open(&cfg.data_dir)?;
         let trust = load_trust(&store, cfg.trust_root.as_deref())?;
+        let retrain_key = match &cfg.retrain_key {
+            Some(p) => Some(
+                flotilla_bundle::keys::SecretKey::load(p).with_context(|| format!("--retrain-key {}", p.display()))?,
+            ),
+            None => None,
+        };
+        if let (Some(k), Some(t)) = (&retrain_key, &trust) {
+            let listed = t.root().role("targets").map(|r| r.keyids.contains(&k.key_id())).unwrap_or(false);
+            if !listed {
+                tracing::warn!(key = %k.key_id().0, "the retrain key is not among the trust root's targets signers: retrained bundles will wait for approval");
+            }
+        }
         let (broker, login) = match &cfg.external_broker {
             None => {
                 let auth = Arc::new(BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id()));
@@ -170,6 +189,7 @@ impl Server {
             profiles: Default::default(),
             drift_cohort_key: cfg.drift_cohort_key.clone(),
             drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
+            retrain: retrain::Retrain::new(&cfg.data_dir, retrain_key),
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -180,6 +200,7 @@ impl Server {
             tracing::warn!(broker = %mqtt_addr, "not subscribed to the broker yet; continuing and retrying in the background");
         }
         tasks.push(tokio::spawn(driver::run(shared.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(retrain::run(shared.clone(), cancel.clone())));
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;

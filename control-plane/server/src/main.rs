@@ -54,6 +54,11 @@ struct Args {
     /// windows aggregate per window).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_secs)]
     drift_period: u64,
+    /// Sign retrained bundles with this key (an automation key the trust root lists among its
+    /// `targets` signers; with a targets threshold above 1 they still wait for a person's
+    /// `flotilla retrain approve --key`). Without it, retrained bundles wait unsigned.
+    #[arg(long, value_name = "KEY", env = "FLOTILLA_RETRAIN_KEY")]
+    retrain_key: Option<PathBuf>,
     /// MQTT topic prefix.
     #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
     topic_prefix: String,
@@ -88,6 +93,7 @@ async fn main() {
     cfg.chunk_size = a.chunk_size;
     cfg.drift_cohort_key = a.drift_cohort_key;
     cfg.drift_period_secs = a.drift_period;
+    cfg.retrain_key = a.retrain_key;
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

@@ -124,6 +124,18 @@ CREATE TABLE IF NOT EXISTS drift_alerts (
     raised INTEGER NOT NULL,
     resolved INTEGER
 );
+CREATE TABLE IF NOT EXISTS retrain_policies (
+    model TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retrain_jobs (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    job TEXT NOT NULL
+);
 ";
 
 #[derive(Debug, Clone, PartialEq)]
@@ -450,6 +462,62 @@ impl Store {
             ))?;
             st.query_map([all], alert_row)?.collect()
         })
+    }
+
+    // ---- retraining ----
+
+    pub fn set_retrain_policy(&self, model: &str, policy_json: &str, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO retrain_policies (model, policy, updated) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (model) DO UPDATE SET policy = ?2, updated = ?3",
+                params![model, policy_json, now],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn delete_retrain_policy(&self, model: &str) -> anyhow::Result<bool> {
+        Ok(self.with(|c| c.execute("DELETE FROM retrain_policies WHERE model = ?1", [model]))? > 0)
+    }
+
+    /// Every policy as JSON, by model.
+    pub fn retrain_policies(&self) -> anyhow::Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT policy FROM retrain_policies ORDER BY model")?;
+            st.query_map([], |r| r.get(0))?.collect()
+        })
+    }
+
+    /// Insert or replace a job (its JSON document, with the columns queries use).
+    pub fn save_retrain_job(
+        &self,
+        id: &str,
+        model: &str,
+        state: &str,
+        created: i64,
+        job_json: &str,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO retrain_jobs (id, model, state, created, job) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET state = ?3, job = ?5",
+                params![id, model, state, created, job_json],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Jobs as JSON, newest first.
+    pub fn retrain_jobs(&self) -> anyhow::Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT job FROM retrain_jobs ORDER BY created DESC, rowid DESC")?;
+            st.query_map([], |r| r.get(0))?.collect()
+        })
+    }
+
+    pub fn retrain_job(&self, id: &str) -> anyhow::Result<Option<String>> {
+        self.with(|c| c.query_row("SELECT job FROM retrain_jobs WHERE id = ?1", [id], |r| r.get(0)).optional())
     }
 
     // ---- health ----

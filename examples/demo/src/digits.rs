@@ -98,3 +98,41 @@ pub fn images_request(images: &[Vec<f32>]) -> InferRequest {
         }],
     }
 }
+
+/// The true classes of the held-out images ([`baseline_images`]), in order.
+pub const BASELINE_LABELS_NPY: &[u8] = include_bytes!("../../models/digits_baseline_labels.npy");
+
+pub fn baseline_labels() -> Vec<u32> {
+    let arr = flotilla_builder::npy::parse(BASELINE_LABELS_NPY).expect("committed digits_baseline_labels.npy parses");
+    arr.data.iter().map(|&l| l as u32).collect()
+}
+
+/// What a camera whose exposure changed does: brighter, lower contrast, a little noise
+/// (x' = clip(0.6x + 0.35 + n, 0, 1), |n| ≤ 0.03, the drift make_digits.py describes). `seed`
+/// makes the noise differ between shots of the same scene.
+pub fn brightened(image: &[f32], seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    image
+        .iter()
+        .map(|&x| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let n = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06;
+            (0.6 * x + 0.35 + n).clamp(0.0, 1.0)
+        })
+        .collect()
+}
+
+/// Labelled v2 requests (the format `flotilla drift samples export` writes and the trainer
+/// reads): `images` in batches of `batch`, with their `labels`.
+pub fn labelled_requests(images: &[Vec<f32>], labels: &[u32], batch: usize) -> serde_json::Value {
+    let reqs: Vec<serde_json::Value> = images
+        .chunks(batch)
+        .zip(labels.chunks(batch))
+        .map(|(imgs, ls)| {
+            let mut r = serde_json::to_value(images_request(imgs)).expect("a request serializes");
+            r["labels"] = serde_json::json!(ls);
+            r
+        })
+        .collect();
+    serde_json::Value::Array(reqs)
+}

@@ -29,11 +29,20 @@ pub struct FleetOptions {
     pub public_url: Option<String>,
     /// Chunk size the server asks for in offers (None: the default, 256 KiB).
     pub chunk_size: Option<u32>,
+    /// Signatures the trust root's `targets` role needs, of the operator's key and the server's
+    /// automation key (retraining). 1: either alone; 2: a retrained bundle also needs a person.
+    pub targets_threshold: u32,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        FleetOptions { external_broker: None, server_checks_signatures: true, public_url: None, chunk_size: None }
+        FleetOptions {
+            external_broker: None,
+            server_checks_signatures: true,
+            public_url: None,
+            chunk_size: None,
+            targets_threshold: 1,
+        }
     }
 }
 
@@ -44,6 +53,8 @@ pub struct Fleet {
     pub server_cfg: ServerConfig,
     pub agents: Vec<(String, Agent)>,
     pub key: SecretKey,
+    /// The key the server signs retrained bundles with (`--retrain-key`), a `targets` signer.
+    pub automation_key: SecretKey,
     pub root_path: PathBuf,
     pub http: reqwest::Client,
 }
@@ -77,15 +88,24 @@ impl Fleet {
     pub async fn start_with(dir: &Path, devices: usize, opts: FleetOptions) -> anyhow::Result<Fleet> {
         init_test_logging();
         let key = SecretKey::generate()?;
+        let automation_key = SecretKey::generate()?;
         let root_path = dir.join("root.cbor");
         std::fs::create_dir_all(dir)?;
-        std::fs::write(&root_path, sign_root(&Root::single_key(&key.public(), unix_now(), None), &[&key])?)?;
+        let (automation_path, _) = automation_key.save(&dir.join("automation"))?;
+        // The operator's key holds every role; the automation key is a second `targets` signer.
+        let mut root = Root::single_key(&key.public(), unix_now(), None);
+        root.keys.insert(automation_key.key_id(), automation_key.public());
+        let targets = root.roles.get_mut(flotilla_bundle::root::ROLE_TARGETS).expect("a targets role");
+        targets.keyids.push(automation_key.key_id());
+        targets.threshold = opts.targets_threshold.clamp(1, 2);
+        std::fs::write(&root_path, sign_root(&root, &[&key])?)?;
         let mut cfg = ServerConfig::new(dir.join("server"));
         cfg.http = "127.0.0.1:0".parse()?;
         cfg.mqtt = "127.0.0.1:0".parse()?;
         cfg.external_broker = opts.external_broker;
         cfg.trust_root = opts.server_checks_signatures.then(|| root_path.clone());
         cfg.public_url = opts.public_url;
+        cfg.retrain_key = Some(automation_path);
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }
@@ -100,6 +120,7 @@ impl Fleet {
             server_cfg: cfg,
             agents: vec![],
             key,
+            automation_key,
             root_path,
             http: reqwest::Client::new(),
         };
@@ -122,9 +143,12 @@ impl Fleet {
     /// and ports, as an operator's restart would. Agents reconnect by themselves.
     pub async fn restart_server(&mut self) -> anyhow::Result<()> {
         self.server.stop().await;
-        // The ports were just released; binding them again may take a moment.
+        // The ports were just released; binding them again may take a while: agents retrying
+        // their connection to the stopped broker's port can briefly hold it themselves (on
+        // loopback, a connect to a port nobody listens on may pick that same port as its source
+        // and connect to itself until the client gives up).
         let mut last = None;
-        for _ in 0..50 {
+        for _ in 0..300 {
             match Server::start(self.server_cfg.clone()).await {
                 Ok(s) => {
                     self.server = s;
@@ -296,6 +320,54 @@ impl Fleet {
     pub async fn model_metadata(&self, device: &str, model: &str) -> anyhow::Result<ModelMetadata> {
         let addr = self.agent(device).api_addr();
         json_or_error(self.http.get(format!("http://{addr}/v2/models/{model}")).send().await?).await
+    }
+
+    /// `POST /v2/models/{model}/feedback` on a device: the true labels of a request's samples.
+    pub async fn feedback(&self, device: &str, model: &str, id: &str, labels: &[u32]) -> anyhow::Result<()> {
+        let addr = self.agent(device).api_addr();
+        let body = flotilla_api::v2::Feedback { id: id.into(), label: None, labels: Some(labels.to_vec()) };
+        let r = self.http.post(format!("http://{addr}/v2/models/{model}/feedback")).json(&body).send().await?;
+        let _: flotilla_api::v2::FeedbackResponse = json_or_error(r).await?;
+        Ok(())
+    }
+
+    /// `PUT /api/v1/retrain/policies/{model}` (`flotilla retrain policy set`).
+    pub async fn set_retrain_policy(&self, p: &flotilla_api::v1::RetrainPolicy) -> anyhow::Result<()> {
+        let url = format!("{}/api/v1/retrain/policies/{}", self.api(), p.model);
+        let _: flotilla_api::v1::RetrainPolicy = json_or_error(self.http.put(url).json(p).send().await?).await?;
+        Ok(())
+    }
+
+    /// `GET /api/v1/retrain/jobs` (`flotilla retrain ls`), newest first.
+    pub async fn retrain_jobs(&self) -> anyhow::Result<Vec<flotilla_api::v1::RetrainJob>> {
+        json_or_error(self.http.get(format!("{}/api/v1/retrain/jobs", self.api())).send().await?).await
+    }
+
+    pub async fn retrain_job(&self, id: &str) -> anyhow::Result<flotilla_api::v1::RetrainJob> {
+        json_or_error(self.http.get(format!("{}/api/v1/retrain/jobs/{id}", self.api())).send().await?).await
+    }
+
+    /// Wait until a job reaches one of `states`; fails early when it ends in another.
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        states: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<flotilla_api::v1::RetrainJob> {
+        let start = Instant::now();
+        loop {
+            let j = self.retrain_job(id).await?;
+            if states.contains(&j.state.as_str()) {
+                return Ok(j);
+            }
+            if ["completed", "rejected", "failed", "cancelled"].contains(&j.state.as_str()) {
+                bail!("job {id} ended {}: {}", j.state, j.reason.unwrap_or_default());
+            }
+            if start.elapsed() > timeout {
+                bail!("job {id} still {} after {timeout:?}: {:?}", j.state, j.reason);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn shutdown(self) {

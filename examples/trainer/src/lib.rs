@@ -8,6 +8,8 @@
 //! batch) or `label` — the format `flotilla drift samples export` writes. Samples without labels
 //! are skipped.
 
+pub mod cli;
+
 use anyhow::{Context, bail};
 use flotilla_api::v2::InferTensor;
 use prost::Message;

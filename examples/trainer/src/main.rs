@@ -1,87 +1,9 @@
 //! `flotilla-trainer`: the retraining step Flotilla's control plane runs (or any pipeline can).
-//!
-//!   flotilla-trainer train --base model.onnx --samples samples.json [--data more.json] --out new.onnx
-//!   flotilla-trainer eval --model new.onnx --data heldout.json
-//!
-//! Paths also come from the environment the control plane sets for a trainer command:
-//! FLOTILLA_BASE_MODEL, FLOTILLA_SAMPLES, FLOTILLA_TRAINING_DATA, FLOTILLA_OUTPUT.
+//! See [`flotilla_trainer::cli`].
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use flotilla_trainer::{Dataset, TrainOptions, accuracy, read_samples, retrain};
-
-#[derive(Parser, Debug)]
-#[command(version, about, long_about)]
-struct Args {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Fine-tune the last layer on labelled samples and write the new model.
-    Train {
-        /// The model to start from.
-        #[arg(long, env = "FLOTILLA_BASE_MODEL")]
-        base: PathBuf,
-        /// Labelled samples collected from devices (`flotilla drift samples export`).
-        #[arg(long, env = "FLOTILLA_SAMPLES")]
-        samples: PathBuf,
-        /// More labelled data, e.g. the original training set, so the model does not forget it.
-        #[arg(long, env = "FLOTILLA_TRAINING_DATA")]
-        data: Option<PathBuf>,
-        /// The Gemm node to retrain (default `fc`; else the last Gemm).
-        #[arg(long, default_value = "fc")]
-        layer: String,
-        #[arg(long, default_value_t = 300)]
-        epochs: usize,
-        #[arg(long, default_value_t = 0.01)]
-        learning_rate: f32,
-        #[arg(long, env = "FLOTILLA_OUTPUT")]
-        out: PathBuf,
-    },
-    /// Print a model's accuracy on labelled data.
-    Eval {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-    },
-}
-
-fn load(path: &PathBuf) -> anyhow::Result<Dataset> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    read_samples(&bytes).with_context(|| format!("{}", path.display()))
-}
-
-fn main() -> anyhow::Result<()> {
-    match Args::parse().cmd {
-        Cmd::Train { base, samples, data, layer, epochs, learning_rate, out } => {
-            let model = std::fs::read(&base).with_context(|| format!("reading {}", base.display()))?;
-            let mut set = load(&samples)?;
-            let from_devices = set.len();
-            if let Some(d) = &data {
-                set.extend(load(d)?)?;
-            }
-            let before = accuracy(&model, &set)?;
-            let new = retrain(&model, &set, &TrainOptions { layer, epochs, learning_rate })?;
-            let after = accuracy(&new, &set)?;
-            std::fs::write(&out, &new).with_context(|| format!("writing {}", out.display()))?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "samples": set.len(), "from_devices": from_devices,
-                    "train_accuracy_before": before, "train_accuracy_after": after, "model": out,
-                })
-            );
-        }
-        Cmd::Eval { model, data } => {
-            let bytes = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
-            let set = load(&data)?;
-            println!("{}", serde_json::json!({ "samples": set.len(), "accuracy": accuracy(&bytes, &set)? }));
-        }
+fn main() {
+    if let Err(e) = flotilla_trainer::cli::run(std::env::args_os()) {
+        eprintln!("flotilla-trainer: {e:#}");
+        std::process::exit(1);
     }
-    Ok(())
 }
