@@ -143,7 +143,14 @@ async fn installs_survive_sigkill_at_random_points() {
     let server = Server::start(cfg).await.unwrap();
     let api = format!("http://{}", server.http_addr);
     let broker = format!("mqtt://127.0.0.1:{}", server.mqtt_addr.port());
-    let http = reqwest::Client::new();
+    // The control plane's API wants its admin token (the agent's local API ignores it).
+    let http = reqwest::Client::builder()
+        .default_headers(reqwest::header::HeaderMap::from_iter([(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", server.admin_token().unwrap()).parse().unwrap(),
+        )]))
+        .build()
+        .unwrap();
 
     let input = batch();
     let expected: Vec<Vec<usize>> = MODELS.iter().map(|m| expected_classes(m, &input)).collect();

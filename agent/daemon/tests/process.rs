@@ -65,7 +65,14 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
         .unwrap();
     let endpoints: serde_json::Value = serde_json::from_slice(&wait_file(&d.join("agent/endpoints.json"))).unwrap();
     let agent_api = format!("http://{}", endpoints["api"].as_str().unwrap());
-    let http = reqwest::Client::new();
+    // The control plane's API wants its admin token (the agent's local API ignores it).
+    let http = reqwest::Client::builder()
+        .default_headers(reqwest::header::HeaderMap::from_iter([(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", server.admin_token().unwrap()).parse().unwrap(),
+        )]))
+        .build()
+        .unwrap();
     let devices = wait_json(&http, &format!("{api}/api/v1/devices"), |v| v[0]["online"] == true).await;
     assert_eq!(devices[0]["id"], "proc-1");
     assert_eq!(devices[0]["tags"]["group"], "lab");

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Every error body: a stable machine code, a human message and, where it helps, what to do.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApiError {
     pub code: String,
@@ -13,6 +14,7 @@ pub struct ApiError {
     pub hint: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Device {
     pub id: String,
@@ -29,6 +31,7 @@ pub struct Device {
     pub models: Vec<DeviceModel>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceModel {
     pub name: String,
@@ -45,6 +48,7 @@ pub struct DeviceModel {
     pub cpu_nodes: Option<u64>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
     /// Hex SHA-256 of the bundle file.
@@ -58,6 +62,7 @@ pub struct Bundle {
     pub pushed: String,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutCreate {
     /// `NAME@VERSION`.
@@ -71,11 +76,13 @@ pub struct RolloutCreate {
     pub plan: Option<serde_json::Value>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutCreated {
     pub id: String,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: String,
@@ -97,6 +104,7 @@ pub struct Rollout {
     pub devices: Vec<RolloutDevice>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutWave {
     /// As planned: `5%`, `10` (devices) or a selector.
@@ -111,6 +119,7 @@ pub struct RolloutWave {
     pub gates: Vec<RolloutGate>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutGate {
     /// As written, e.g. `latency_p95<=1.2x`.
@@ -121,6 +130,7 @@ pub struct RolloutGate {
     pub passed: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutDevice {
     pub device: String,
@@ -130,6 +140,7 @@ pub struct RolloutDevice {
     pub reason: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub device: String,
@@ -139,6 +150,7 @@ pub struct Event {
 }
 
 /// The answer to `POST /api/v1/trust/root`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrustRootPushed {
     pub version: u64,
@@ -147,6 +159,7 @@ pub struct TrustRootPushed {
 }
 
 /// `POST /api/v1/devices/{id}/tags`: server-side tags (they win over the device's own).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TagsUpdate {
     #[serde(default)]
@@ -158,6 +171,7 @@ pub struct TagsUpdate {
 
 /// One row of `GET /api/v1/drift`: a signal of a model version, merged over a cohort's devices
 /// for one aggregation window, scored against the bundle's baseline.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DriftRow {
     pub model: String,
@@ -183,8 +197,22 @@ pub struct DriftRow {
     pub exceeded: Vec<String>,
     /// This window completes `consecutive` windows in a row over a threshold.
     pub alert: bool,
+    /// With `histograms=true`: the baseline's and this window's histogram of the signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<DriftHistogram>,
 }
 
+/// A signal's histogram on the baseline's bins: `edges` between bins (so `edges.len() + 1`
+/// counts: below the first edge, between edges, at or above the last), baseline and live counts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DriftHistogram {
+    pub edges: Vec<f64>,
+    pub baseline: Vec<u64>,
+    pub live: Vec<u64>,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DriftAlert {
     pub id: i64,
@@ -208,6 +236,7 @@ pub struct DriftAlert {
 }
 
 /// `POST /api/v1/samples/pull`: ask devices for the reservoir sample of a model.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SamplesPull {
     pub model: String,
@@ -218,6 +247,7 @@ pub struct SamplesPull {
     pub selector: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SamplesPulled {
     pub upload_id: String,
@@ -225,6 +255,7 @@ pub struct SamplesPulled {
 }
 
 /// `GET /api/v1/samples/uploads/{id}`: how an upload is going, per device asked.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SampleUploadDevice {
     pub device: String,
@@ -235,6 +266,7 @@ pub struct SampleUploadDevice {
 
 /// A stored reservoir sample (`GET /api/v1/samples`): one inference's inputs as v2 tensors,
 /// so a list of them reads as golden or baseline data, or as a trainer's input.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
     pub device: String,
@@ -250,6 +282,7 @@ pub struct SampleRecord {
 /// A model's retraining policy (`flotilla retrain policy set`): when a job starts, what data it
 /// trains on, which trainer runs, how the candidate must compare with the current model, and how
 /// it rolls out. Everything but `model` and `trainer` has a default.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainPolicy {
@@ -265,6 +298,7 @@ pub struct RetrainPolicy {
     pub rollout: RetrainRollout,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainTrigger {
@@ -285,6 +319,7 @@ impl Default for RetrainTrigger {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainData {
@@ -315,6 +350,7 @@ impl Default for RetrainData {
 }
 
 /// Exactly one of `command` and `webhook`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainTrainer {
@@ -335,6 +371,7 @@ pub struct RetrainTrainer {
     pub env: BTreeMap<String, String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainEvaluation {
@@ -377,6 +414,7 @@ impl Default for RetrainEvaluation {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainRollout {
@@ -428,6 +466,7 @@ fn auto() -> String {
 }
 
 /// `POST /api/v1/retrain/jobs`: start a job by hand.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RetrainStart {
     pub model: String,
@@ -437,6 +476,7 @@ pub struct RetrainStart {
 }
 
 /// One evaluation of the current model and the candidate on a set.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RetrainScore {
     pub set: String,
@@ -452,6 +492,7 @@ pub struct RetrainScore {
 /// A retraining job. `state`: `collecting`, `training`, `evaluating`, `building`,
 /// `awaiting_approval`, `rolling_out`, then `completed`, `rejected` (the candidate did not
 /// beat the current model), `failed` or `cancelled`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RetrainJob {
     pub id: String,
@@ -488,4 +529,28 @@ pub struct RetrainJob {
     /// What happened, oldest first (`[time] state: detail`).
     #[serde(default)]
     pub history: Vec<String>,
+}
+
+/// `POST /api/v1/tokens` (admin).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenCreate {
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// An API token. `token` is only ever in the answer that made it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub role: String,
+    pub name: String,
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }

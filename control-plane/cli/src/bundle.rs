@@ -301,14 +301,17 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                 }
             }
             opts.drift = drift.options(&sig)?;
-            let built = build(&opts)?;
+            let spin = crate::progress::spinner(&format!("building {name}@{version} (golden outputs, drift baseline)"));
+            let built = build(&opts);
+            spin.finish_and_clear();
+            let built = built?;
             for w in &built.warnings {
                 eprintln!("warning: {w}");
             }
             std::fs::write(&path, &built.bytes).with_context(|| format!("writing {}", path.display()))?;
             let m = &built.manifest;
             match out {
-                Output::Json => output::json(&serde_json::json!({
+                Output::Json | Output::Yaml => output::json(&serde_json::json!({
                     "bundle": path, "name": m.name, "version": m.version, "size": built.bytes.len(),
                     "golden_cases": opts.golden.len() + opts.golden_reference.len(), "warnings": built.warnings, "signed": false, "delta": opts.delta_base.is_some(),
                     "drift_signals": built.profile.as_ref().map(|p| p.signals.iter().map(|s| s.signal.name.clone()).collect::<Vec<_>>()),
@@ -373,7 +376,9 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             };
             std::fs::rename(&tmp, &dest)?;
             match out {
-                Output::Json => output::json(&serde_json::json!({"bundle": dest, "key_id": key.key_id().0})),
+                Output::Json | Output::Yaml => {
+                    output::json(&serde_json::json!({"bundle": dest, "key_id": key.key_id().0}))
+                }
                 Output::Table => {
                     println!(
                         "signed {}@{} with key {} → {}",
@@ -407,7 +412,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             }
             let m = &verified.manifest;
             match out {
-                Output::Json => output::json(&serde_json::json!({
+                Output::Json | Output::Yaml => output::json(&serde_json::json!({
                     "valid": true, "name": m.name, "version": m.version,
                     "signers": verified.signers.iter().map(|k| &k.0).collect::<Vec<_>>(),
                 })),
@@ -426,10 +431,14 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
         BundleCmd::Inspect { bundle } => inspect(&bundle, out),
         BundleCmd::Push { bundle } => {
             let client = Client::new(server)?;
-            let bytes = std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
-            let b: flotilla_api::v1::Bundle = client.post_bytes("/api/v1/bundles", bytes)?;
+            let file = std::fs::File::open(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let len = file.metadata()?.len();
+            let bar = crate::progress::bytes(len, "uploading");
+            let body = crate::progress::Counting { inner: file, bar: bar.clone() };
+            let b: flotilla_api::v1::Bundle = client.post_reader("/api/v1/bundles", body, len)?;
+            bar.finish_and_clear();
             match out {
-                Output::Json => output::json(&b),
+                Output::Json | Output::Yaml => output::json(&b),
                 Output::Table => {
                     println!("pushed {}@{} (bundle {}, {} bytes)", b.name, b.version, &b.id[..12], b.size);
                     Ok(())
@@ -440,7 +449,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             let client = Client::new(server)?;
             let list: Vec<flotilla_api::v1::Bundle> = client.get("/api/v1/bundles")?;
             match out {
-                Output::Json => output::json(&list),
+                Output::Json | Output::Yaml => output::json(&list),
                 Output::Table => {
                     output::table(
                         &["NAME", "VERSION", "SIZE", "SIGNERS", "ID", "PUSHED"],
@@ -499,7 +508,7 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
         "data_offset": data_offset,
     });
     match out {
-        Output::Json => output::json(&view),
+        Output::Json | Output::Yaml => output::json(&view),
         Output::Table => {
             println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())

@@ -9,13 +9,29 @@ pub struct Client {
     http: reqwest::blocking::Client,
 }
 
+/// The API token for this run (`--token`, FLOTILLA_TOKEN), set once by `main`.
+pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 impl Client {
     pub fn new(server: Option<&str>) -> anyhow::Result<Client> {
         let Some(base) = server else {
-            bail!("no server configured: pass --server URL or set FLOTILLA_SERVER (e.g. http://127.0.0.1:8080)");
+            bail!(
+                "no server configured: pass --server URL, set FLOTILLA_SERVER, or run \
+                 `flotilla context add NAME --server http://HOST:8080 --token-file DATA_DIR/admin.token`"
+            );
         };
         let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
-        let http = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = TOKEN.get().cloned().flatten() {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+                .context("the token has characters a header cannot carry")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(600))
+            .default_headers(headers)
+            .build()?;
         Ok(Client { base: base.trim_end_matches('/').to_string(), http })
     }
 
@@ -79,6 +95,23 @@ impl Client {
             }
         }
         Ok(body.to_vec())
+    }
+
+    /// POST a bundle streamed from `body` (`len` bytes), e.g. a file behind a progress bar.
+    pub fn post_reader<T: DeserializeOwned, R: std::io::Read + Send + 'static>(
+        &self,
+        path: &str,
+        body: R,
+        len: u64,
+    ) -> anyhow::Result<T> {
+        self.handle(
+            path,
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/vnd.flotilla.bundle")
+                .body(reqwest::blocking::Body::sized(body, len))
+                .send(),
+        )
     }
 
     pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> anyhow::Result<T> {

@@ -232,7 +232,7 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
             }
             let d: Device = client.post(&format!("/api/v1/devices/{}/tags", enc(&id)), &u)?;
             match out {
-                Output::Json => output::json(&d),
+                Output::Json | Output::Yaml => output::json(&d),
                 Output::Table => {
                     println!("{}: {}", d.id, tags_text(&d.tags));
                     Ok(())
@@ -246,7 +246,7 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
             };
             let list: Vec<Device> = client.get(&path)?;
             match out {
-                Output::Json => output::json(&list),
+                Output::Json | Output::Yaml => output::json(&list),
                 Output::Table => {
                     output::table(
                         &["ID", "ONLINE", "ARCH", "AGENT", "TAGS", "MODELS", "LAST SEEN"],
@@ -316,7 +316,7 @@ pub fn drift(cmd: DriftCmd, server: Option<&str>, out: Output) -> anyhow::Result
                 rows.retain(|r| &r.signal == sig);
             }
             match out {
-                Output::Json => output::json(&rows),
+                Output::Json | Output::Yaml => output::json(&rows),
                 Output::Table => {
                     if rows.is_empty() {
                         println!(
@@ -384,7 +384,9 @@ fn samples(client: &Client, cmd: SamplesCmd, out: Output) -> anyhow::Result<()> 
                 std::thread::sleep(std::time::Duration::from_millis(250));
             };
             match out {
-                Output::Json => output::json(&serde_json::json!({"upload_id": pulled.upload_id, "devices": status})),
+                Output::Json | Output::Yaml => {
+                    output::json(&serde_json::json!({"upload_id": pulled.upload_id, "devices": status}))
+                }
                 Output::Table => {
                     output::table(
                         &["DEVICE", "SAMPLES", "DONE"],
@@ -428,7 +430,7 @@ pub fn alerts(cmd: AlertsCmd, server: Option<&str>, out: Output) -> anyhow::Resu
         AlertsCmd::Ls { all } => {
             let list: Vec<DriftAlert> = client.get(if all { "/api/v1/alerts?all=true" } else { "/api/v1/alerts" })?;
             match out {
-                Output::Json => output::json(&list),
+                Output::Json | Output::Yaml => output::json(&list),
                 Output::Table => {
                     output::table(
                         &[
@@ -467,6 +469,53 @@ pub fn alerts(cmd: AlertsCmd, server: Option<&str>, out: Output) -> anyhow::Resu
     }
 }
 
+/// `rollout watch` on a terminal: a bar per wave (devices succeeded of its size) under a status
+/// line, redrawn in place.
+fn watch_bars(client: &Client, id: &str, interval: f64) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let mp = MultiProgress::new();
+    let head = mp.add(ProgressBar::new_spinner());
+    head.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"));
+    let style = ProgressStyle::with_template("  wave {prefix:<10} [{bar:30}] {pos}/{len} {msg}")
+        .expect("a valid template")
+        .progress_chars("=> ");
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    loop {
+        let r: Rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
+        head.set_message(progress_line(&r));
+        head.tick();
+        for (i, w) in r.waves.iter().enumerate() {
+            if bars.len() <= i {
+                let b = mp.add(ProgressBar::new(w.size));
+                b.set_style(style.clone());
+                b.set_prefix(format!("{} ({})", i + 1, w.spec));
+                bars.push(b);
+            }
+            let gates: Vec<String> =
+                w.gates.iter().map(|g| format!("{}{}", if g.passed { "✔ " } else { "✘ " }, g.name)).collect();
+            bars[i].set_length(w.size.max(1));
+            bars[i].set_position(w.succeeded);
+            bars[i].set_message(format!(
+                "{} {}{}",
+                w.status,
+                if w.failed > 0 { format!("{} failed ", w.failed) } else { String::new() },
+                gates.join(" ")
+            ));
+        }
+        if r.state != "running" && r.state != "pending" {
+            head.finish();
+            for b in &bars {
+                b.finish();
+            }
+            if let Some(why) = &r.reason {
+                println!("reason: {why}");
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(interval.max(0.1)));
+    }
+}
+
 fn progress_line(r: &Rollout) -> String {
     let waves: Vec<String> = r
         .waves
@@ -490,7 +539,7 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
     if let Some((id, verb)) = command {
         let r: Rollout = client.post(&format!("/api/v1/rollouts/{id}/{verb}"), &serde_json::json!({}))?;
         return match out {
-            Output::Json => output::json(&r),
+            Output::Json | Output::Yaml => output::json(&r),
             Output::Table => {
                 println!("{}", progress_line(&r));
                 Ok(())
@@ -510,7 +559,7 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
             let req = RolloutCreate { bundle, devices, plan: Some(serde_json::to_value(&p)?) };
             let created: RolloutCreated = client.post("/api/v1/rollouts", &req)?;
             match out {
-                Output::Json => output::json(&created),
+                Output::Json | Output::Yaml => output::json(&created),
                 Output::Table => {
                     println!("{}", created.id);
                     Ok(())
@@ -523,6 +572,9 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
         | RolloutCmd::Promote { .. }
         | RolloutCmd::Rollback { .. } => unreachable!("commands are sent above"),
         RolloutCmd::Watch { id, interval } => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                return watch_bars(&client, &id, interval);
+            }
             let mut last = String::new();
             loop {
                 let r: Rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
@@ -543,7 +595,7 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
         RolloutCmd::Status { id } => {
             let r: Rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
             match out {
-                Output::Json => output::json(&r),
+                Output::Json | Output::Yaml => output::json(&r),
                 Output::Table => {
                     println!(
                         "rollout {} of {}: {} at wave {} of {} ({} of {} succeeded, {} failed, {} in progress)",
@@ -605,7 +657,7 @@ pub fn rollout(cmd: RolloutCmd, server: Option<&str>, out: Output) -> anyhow::Re
         RolloutCmd::Ls => {
             let list: Vec<Rollout> = client.get("/api/v1/rollouts")?;
             match out {
-                Output::Json => output::json(&list),
+                Output::Json | Output::Yaml => output::json(&list),
                 Output::Table => {
                     output::table(
                         &["ID", "BUNDLE", "STATE", "SUCCEEDED", "FAILED", "TOTAL", "CREATED"],

@@ -123,7 +123,7 @@ fn write_root(
         Some(p) => p.rotate(&bytes, now).map(|_| ()),
     };
     match out {
-        Output::Json => output::json(&serde_json::json!({
+        Output::Json | Output::Yaml => output::json(&serde_json::json!({
             "root": path, "version": root.version, "complete": status.is_ok(),
             "missing": status.as_ref().err().map(|e| e.to_string()),
         })),
@@ -151,7 +151,7 @@ pub fn keygen(prefix: &Path, out: Output) -> anyhow::Result<()> {
         .save(prefix)
         .with_context(|| format!("writing {}.key (an existing key is never overwritten)", prefix.display()))?;
     match out {
-        Output::Json => output::json(&serde_json::json!({"key": k, "pub": p, "key_id": key.key_id().0})),
+        Output::Json | Output::Yaml => output::json(&serde_json::json!({"key": k, "pub": p, "key_id": key.key_id().0})),
         Output::Table => {
             println!("wrote {} (secret, mode 0600) and {}", k.display(), p.display());
             println!("key id {}", key.key_id());
@@ -210,7 +210,9 @@ pub fn trust(cmd: TrustCmd, server: Option<&str>, out: Output) -> anyhow::Result
             let signed = add_root_signature(&bytes, &key)?;
             std::fs::write(&root, &signed)?;
             match out {
-                Output::Json => output::json(&serde_json::json!({"root": root, "key_id": key.key_id().0})),
+                Output::Json | Output::Yaml => {
+                    output::json(&serde_json::json!({"root": root, "key_id": key.key_id().0}))
+                }
                 Output::Table => {
                     println!("signed {} with key {}", root.display(), key.key_id());
                     Ok(())
@@ -230,7 +232,7 @@ pub fn trust(cmd: TrustCmd, server: Option<&str>, out: Output) -> anyhow::Result
             };
             let v = verified.root().version;
             match out {
-                Output::Json => output::json(&serde_json::json!({"valid": true, "version": v})),
+                Output::Json | Output::Yaml => output::json(&serde_json::json!({"valid": true, "version": v})),
                 Output::Table => {
                     match from {
                         Some(f) => println!("OK: {} (v{v}) is a valid rotation of {}", root.display(), f.display()),
@@ -255,7 +257,7 @@ pub fn trust(cmd: TrustCmd, server: Option<&str>, out: Output) -> anyhow::Result
                 "error": valid.as_ref().err(),
             });
             match out {
-                Output::Json => output::json(&view)?,
+                Output::Json | Output::Yaml => output::json(&view)?,
                 Output::Table => println!("{}", serde_json::to_string_pretty(&view)?),
             }
             valid.map_err(anyhow::Error::msg)
@@ -265,7 +267,7 @@ pub fn trust(cmd: TrustCmd, server: Option<&str>, out: Output) -> anyhow::Result
             let bytes = std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
             let r: flotilla_api::v1::TrustRootPushed = client.post_bytes("/api/v1/trust/root", bytes)?;
             match out {
-                Output::Json => output::json(&r),
+                Output::Json | Output::Yaml => output::json(&r),
                 Output::Table => {
                     println!("control plane now trusts root v{}; sent to {} device(s)", r.version, r.devices);
                     Ok(())

@@ -2,9 +2,11 @@
 
 mod bundle;
 mod client;
+mod config;
 mod fleet;
 mod keys;
 mod output;
+mod progress;
 mod retrain;
 
 use std::path::PathBuf;
@@ -26,14 +28,22 @@ A first rollout:
 /// drift and retraining.
 ///
 /// Offline commands (keygen, trust, bundle build/sign/verify/inspect) need no server. Commands
-/// that talk to a control plane take --server URL or FLOTILLA_SERVER.
+/// that talk to a control plane find it, and their token, in this order: --server / --token,
+/// FLOTILLA_SERVER / FLOTILLA_TOKEN, then the current context of ~/.config/flotilla/config.toml
+/// (`flotilla context add NAME --server URL --token-file DATA_DIR/admin.token`).
 #[derive(Parser, Debug)]
 #[command(name = "flotilla", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// Control plane URL, e.g. http://127.0.0.1:8080.
     #[arg(long, global = true, env = "FLOTILLA_SERVER")]
     server: Option<String>,
-    /// Output format for listings and results.
+    /// API token (a new server writes an admin token to DATA_DIR/admin.token).
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Use this context of the config file instead of the current one.
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
+    /// Output format for listings and results (json and yaml hold the same fields).
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
@@ -67,6 +77,15 @@ enum Cmd {
     /// Drift alerts.
     #[command(subcommand)]
     Alerts(fleet::AlertsCmd),
+    /// Named control planes and their tokens (~/.config/flotilla/config.toml), like kubectl's
+    /// contexts.
+    #[command(subcommand)]
+    Context(config::ContextCmd),
+    /// Print a shell completion script: `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Retraining: policies (drift alert → samples → trainer → must beat the current model →
     /// signed bundle → staged rollout) and their jobs.
     #[command(subcommand)]
@@ -75,7 +94,32 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    let _ = output::FORMAT.set(cli.output);
+    if let Cmd::Context(c) = cli.cmd {
+        if let Err(e) = config::run(c, cli.server, cli.token, cli.output) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let (server, token) = match config::resolve(cli.server.clone(), cli.token.clone(), cli.context.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let _ = client::TOKEN.set(token);
+    let cli = Cli { server, ..cli };
     let result = match cli.cmd {
+        Cmd::Context(_) => unreachable!("handled before resolving the server"),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "flotilla", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(())
+        }
         Cmd::Keygen { out } => keys::keygen(&out, cli.output),
         Cmd::Trust(c) => keys::trust(c, cli.server.as_deref(), cli.output),
         Cmd::Bundle(c) => bundle::run(c, cli.server.as_deref(), cli.output),

@@ -247,7 +247,7 @@ fn policy_line(p: &RetrainPolicy) -> Vec<String> {
 
 fn show_policies(ps: &[RetrainPolicy], out: Output) -> anyhow::Result<()> {
     match out {
-        Output::Json => output::json(&ps),
+        Output::Json | Output::Yaml => output::json(&ps),
         Output::Table => {
             output::table(
                 &["MODEL", "TRIGGER", "DATA FROM", "TRAINER", "MUST BEAT", "APPROVAL"],
@@ -278,7 +278,7 @@ fn job_line(j: &RetrainJob) -> Vec<String> {
 }
 
 fn show_job(j: &RetrainJob, out: Output) -> anyhow::Result<()> {
-    if out == Output::Json {
+    if out != Output::Table {
         return output::json(j);
     }
     println!("job {} for {}: {}", j.id, j.model, j.state);
@@ -328,7 +328,7 @@ pub fn run(cmd: RetrainCmd, server: Option<&str>, out: Output) -> anyhow::Result
         RetrainCmd::Policy(PolicyCmd::Show { model }) => {
             let p: RetrainPolicy = client.get(&format!("/api/v1/retrain/policies/{model}"))?;
             match out {
-                Output::Json => output::json(&p),
+                Output::Json | Output::Yaml => output::json(&p),
                 Output::Table => {
                     print!("{}", toml::to_string_pretty(&p)?);
                     Ok(())
@@ -349,7 +349,7 @@ pub fn run(cmd: RetrainCmd, server: Option<&str>, out: Output) -> anyhow::Result
         RetrainCmd::Start { model, selector } => {
             let j: RetrainJob = client.post("/api/v1/retrain/jobs", &RetrainStart { model, selector })?;
             match out {
-                Output::Json => output::json(&j),
+                Output::Json | Output::Yaml => output::json(&j),
                 Output::Table => {
                     println!("{}", j.id);
                     Ok(())
@@ -359,7 +359,7 @@ pub fn run(cmd: RetrainCmd, server: Option<&str>, out: Output) -> anyhow::Result
         RetrainCmd::Ls => {
             let jobs: Vec<RetrainJob> = client.get("/api/v1/retrain/jobs")?;
             match out {
-                Output::Json => output::json(&jobs),
+                Output::Json | Output::Yaml => output::json(&jobs),
                 Output::Table => {
                     output::table(
                         &["ID", "MODEL", "STATE", "VERSIONS", "SAMPLES", "HELD-OUT", "ROLLOUT", "CREATED"],

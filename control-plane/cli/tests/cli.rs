@@ -1,17 +1,30 @@
 //! The `flotilla` binary, driven as an operator would, against a real control plane and agents.
 //! The spellings and JSON shapes used here are the CLI's contract.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use flotilla_demo::{Fleet, digits};
 
+/// The admin token of each server a test started, by URL.
+static TOKENS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn register(url: &str, token: &str) {
+    TOKENS.lock().unwrap().insert(url.to_string(), token.to_string());
+}
+
+/// Runs the CLI against `server` (with its admin token) or none.
 fn flotilla(args: &[&str], server: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    c.args(args).env_remove("FLOTILLA_SERVER");
+    let mut c = assert_cmd::Command::cargo_bin("flotilla").expect("the flotilla binary");
+    c.args(args).env_remove("FLOTILLA_SERVER").env_remove("FLOTILLA_TOKEN").env("HOME", "/nonexistent");
     if let Some(s) = server {
         c.env("FLOTILLA_SERVER", s);
+        if let Some(t) = TOKENS.lock().unwrap().get(s) {
+            c.env("FLOTILLA_TOKEN", t);
+        }
     }
     c.output().expect("run flotilla")
 }
@@ -37,6 +50,7 @@ async fn operator_workflow_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
+    register(&server, &fleet.token);
 
     // Keys and a trust root of our own (the fleet's agents trust the harness root, so this key
     // also has to be one the harness trusts: we sign with both below).
@@ -161,7 +175,10 @@ async fn operator_workflow_through_the_cli() {
 
     // Errors say what to do next.
     let out = flotilla(&["devices", "ls"], None);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --server URL or set FLOTILLA_SERVER"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("pass --server URL, set FLOTILLA_SERVER, or run `flotilla context add")
+    );
     let out = flotilla(&["rollout", "start", "--bundle", "digits@99"], Some(&server));
     assert!(String::from_utf8_lossy(&out.stderr).contains("push it first"));
     fleet.shutdown().await;
@@ -180,6 +197,7 @@ async fn a_server_with_a_trust_root_refuses_bundles_it_would_not_run() {
     cfg.trust_root = Some(d.join("root.cbor"));
     let server = flotilla_server::Server::start(cfg).await.unwrap();
     let url = format!("http://{}", server.http_addr);
+    register(&url, &server.admin_token().unwrap());
     let endpoints: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("server/endpoints.json")).unwrap()).unwrap();
     assert_eq!(endpoints["http"], server.http_addr.to_string());
@@ -371,6 +389,7 @@ async fn drift_tags_feedback_and_samples_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
+    register(&server, &fleet.token);
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
@@ -547,6 +566,7 @@ async fn staged_rollouts_and_their_commands_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::start(&dir.path().join("fleet"), 4).await.unwrap();
     let server = fleet.api();
+    register(&server, &fleet.token);
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     let samples = digits::samples();
     for v in [1, 2] {
@@ -637,6 +657,7 @@ async fn retraining_policies_and_jobs_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
+    register(&server, &fleet.token);
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     for id in ["dev-0", "dev-1"] {
         ok(&["devices", "tag", id, "group=field"], Some(&server));
@@ -723,5 +744,75 @@ min_labelled = 50
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already completed"), "{refused:?}");
     ok(&["retrain", "policy", "rm", "--model", "digits"], Some(&server));
     assert!(json(&["retrain", "policy", "ls", "-o", "json"]).as_array().unwrap().is_empty());
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contexts_tokens_yaml_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = Fleet::start(&d.join("fleet"), 1).await.unwrap();
+    let config = d.join("config.toml");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(args)
+            .env_remove("FLOTILLA_SERVER")
+            .env_remove("FLOTILLA_TOKEN")
+            .env("FLOTILLA_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["devices", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flotilla context add"), "{out:?}");
+    // Without a token the server says how to get one.
+    let out = run(&["--server", &fleet.api(), "devices", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401 (unauthorized)"), "{out:?}");
+
+    let token_file = d.join("fleet/server/admin.token");
+    let out = run(&["context", "add", "demo", "--server", &fleet.api(), "--token-file", s(&token_file)]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
+    let out = run(&["devices", "ls", "-o", "yaml"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && yaml.starts_with("- agent_version:") && yaml.contains("  id: dev-0\n  last_seen:"),
+        "{yaml}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&run(&["devices", "ls", "-o", "json"]).stdout).unwrap();
+    assert_eq!(json[0]["id"], "dev-0");
+    // Selectors also see the facts rollouts target by (arch, id).
+    let arch = format!("arch={}", std::env::consts::ARCH);
+    let by_arch: serde_json::Value =
+        serde_json::from_slice(&run(&["devices", "ls", "-l", &arch, "-o", "json"]).stdout).unwrap();
+    assert_eq!(by_arch.as_array().unwrap().len(), 1, "{by_arch}");
+    let none: serde_json::Value =
+        serde_json::from_slice(&run(&["devices", "ls", "-l", "arch=riscv64", "-o", "json"]).stdout).unwrap();
+    assert!(none.as_array().unwrap().is_empty());
+
+    // A viewer token from the admin: reads, but may not change the fleet.
+    let t: serde_json::Value = fleet
+        .http
+        .post(format!("{}/api/v1/tokens", fleet.api()))
+        .json(&serde_json::json!({"role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let viewer = t["token"].as_str().unwrap();
+    let out = run(&["context", "add", "ro", "--server", &fleet.api(), "--token", viewer, "--use"]);
+    assert!(out.status.success());
+    assert!(run(&["devices", "ls"]).status.success());
+    let out = run(&["devices", "tag", "dev-0", "group=lab"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403 (forbidden)"), "{out:?}");
+    // --context picks another for one command; --token wins over the context's.
+    assert!(run(&["--context", "demo", "devices", "tag", "dev-0", "group=lab"]).status.success());
+    assert!(!run(&["--token", "flt_wrong", "devices", "ls"]).status.success());
+    let ls = String::from_utf8_lossy(&run(&["context", "ls"]).stdout).into_owned();
+    assert!(ls.contains("*  ro") && ls.contains("demo"), "{ls}");
+
+    let completions = run(&["completions", "bash"]);
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("_flotilla()"));
     fleet.shutdown().await;
 }

@@ -134,6 +134,8 @@ pub struct Query {
     pub by: Option<String>,
     /// Only windows from this bucket (ms) on.
     pub since: i64,
+    /// Include each row's histograms (baseline and live).
+    pub histograms: bool,
 }
 
 struct Merged {
@@ -218,6 +220,11 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
                         mean: live.moments.mean(),
                         exceeded: exceeded.iter().map(|m| m.as_str().to_string()).collect(),
                         alert: scored && !exceeded.is_empty() && run >= cfg.consecutive,
+                        histogram: q.histograms.then(|| flotilla_api::v1::DriftHistogram {
+                            edges: sp.baseline.hist.edges.clone(),
+                            baseline: sp.baseline.hist.counts.clone(),
+                            live: live.hist.counts.clone(),
+                        }),
                     },
                 ));
             }
@@ -240,7 +247,7 @@ fn judge_alerts(
     let since = s.store.drift_bucket_back(model, version, k.saturating_mul(4))?.unwrap_or(0);
     let selector = Selector::parse(cohort).map_err(anyhow::Error::msg)?;
     let by = Some(s.drift_cohort_key.clone());
-    let rows = rows(s, &Query { model: model.into(), version: Some(version), selector, by, since })?;
+    let rows = rows(s, &Query { model: model.into(), version: Some(version), selector, by, since, histograms: false })?;
     for sp in &profile.signals {
         let name = &sp.signal.name;
         let mine: Vec<&(i64, DriftRow)> =

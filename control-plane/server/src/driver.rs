@@ -93,6 +93,7 @@ fn observations(s: &Shared, bundle: &BundleRow) -> anyhow::Result<Observations> 
         selector: Default::default(),
         by: None,
         since,
+        histograms: false,
     };
     for (_, r) in crate::drift::rows(s, &q)? {
         for (m, v) in [
@@ -180,7 +181,10 @@ async fn send_offers(s: &Shared, rollout_id: &str, bundle: &BundleRow, now: i64)
             size: bundle.size,
             head: bundle.head.clone(),
             chunk_size: s.chunk_size,
-            url: s.public_url.as_ref().map(|u| format!("{u}/api/v1/bundles/{}", bundle.id)),
+            url: s.public_url.as_ref().map(|u| {
+                let cap = crate::auth::capability(&s.capability_key, "bundle", &bundle.id);
+                format!("{u}/api/v1/bundles/{}?token={cap}", bundle.id)
+            }),
             delta,
         };
         let payload = flotilla_proto::encode(&Msg::new(crate::new_id(), crate::now_ms(), Command::Install(offer)));

@@ -65,7 +65,11 @@ pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: Cancella
                     shared.connected.notify_waiters();
                 }
             }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Publish(_))) => {
+                shared.metrics.mqtt_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                shared.metrics.mqtt_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // State messages are applied in the order the broker delivers them (a device's
                 // `baking` then `active` must not swap); they are one store write each.
                 if let Some((device, Channel::State)) = shared.topics.parse(&p.topic) {

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use flotilla_api::v1::{
     ApiError, Bundle, Device, DeviceModel, DriftAlert, DriftRow, Event, RetrainJob, RetrainPolicy, RetrainStart,
     Rollout, RolloutCreate, RolloutCreated, RolloutDevice, SampleRecord, SampleUploadDevice, SamplesPull,
-    SamplesPulled, TagsUpdate, TrustRootPushed,
+    SamplesPulled, TagsUpdate, Token, TokenCreate, TrustRootPushed,
 };
 use flotilla_bundle::TrustedRoot;
 use flotilla_proto::tags::{Selector, valid_tag_part};
@@ -27,6 +27,12 @@ const MAX_BUNDLE: usize = 2 << 30;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/metrics", get(crate::metrics::render))
+        .route("/", get(console_index))
+        .route("/console/", get(console_index))
+        .route("/console/{file}", get(console_asset))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/tags", axum::routing::post(tag_device))
@@ -48,10 +54,43 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/retrain/jobs/{id}/cancel", axum::routing::post(cancel_job))
         .route("/api/v1/retrain/jobs/{id}/candidate", axum::routing::post(upload_candidate))
         .route("/api/v1/retrain/jobs/{id}/files/{name}", get(job_file))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/trust/root", get(get_root).post(push_root))
         .layer(DefaultBodyLimit::max(MAX_BUNDLE))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::auth::middleware))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// The OpenAPI 3 document of `/api/v1`, served at `/api/v1/openapi.json`. Every route of
+/// [`router`] is in it (a test reads the router's source and checks).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Flotilla control plane API", description = "Devices, bundles, staged rollouts, drift and retraining. Every call but /api/v1/health needs `Authorization: Bearer TOKEN`."),
+    paths(health, whoami, list_devices, get_device, tag_device, drift_rows, list_alerts, list_samples, pull_samples, sample_upload, list_bundles, push_bundle, download_bundle, create_rollout, list_rollouts, get_rollout, command_rollout, list_events, get_root, push_root, list_policies, get_policy, put_policy, delete_policy, list_jobs, get_job, start_job, approve_job, cancel_job, upload_candidate, job_file, list_tokens, create_token, revoke_token, openapi_json),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta", summary = "This document", responses((status = 200, description = "OpenAPI 3", body = Object)))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 pub struct Error(pub StatusCode, pub ApiError);
@@ -87,6 +126,52 @@ impl From<anyhow::Error> for Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// Every error answer is JSON with a stable `code`: axum's own rejections (a query that does
+/// not parse, an unknown route, a wrong method) are plain text, and become
+/// `{"code", "message"}` here.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let message = match text {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::RANGE_NOT_SATISFIABLE => "range_not_satisfiable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let hint =
+        (status == StatusCode::NOT_FOUND).then(|| "the API's routes are listed at /api/v1/openapi.json".to_string());
+    let mut out = (status, Json(ApiError { code: code.into(), message, hint })).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/health",
+    tag = "meta",
+    summary = "Liveness (no token needed)",
+    responses((status = 200, description = "ok", body = Object))
+)]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -113,7 +198,8 @@ fn device(row: DeviceRow) -> Device {
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DevicesQuery {
     /// Tag selector, e.g. `group=lab,arch!=armv7`.
     selector: Option<String>,
@@ -130,11 +216,30 @@ fn selector(s: Option<&str>) -> Result<Selector> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "devices",
+    summary = "List devices",
+    params(DevicesQuery),
+    responses((status = 200, description = "ok", body = Vec<Device>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_devices(State(s): State<Arc<Shared>>, Query(q): Query<DevicesQuery>) -> Result<Json<Vec<Device>>> {
     let sel = selector(q.selector.as_deref())?;
-    Ok(Json(s.store.devices()?.into_iter().map(device).filter(|d| sel.matches(&d.tags)).collect()))
+    // Selectors see the tags plus the facts rollouts target by (`id`, `arch`).
+    let rows = s.store.devices()?.into_iter().filter(|d| sel.matches(&crate::driver::device_view(d, None).tags));
+    Ok(Json(rows.map(device).collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{id}/tags",
+    tag = "devices",
+    summary = "Set or remove server-side tags",
+    params(("id" = String, Path, description = "device id")),
+    request_body = TagsUpdate,
+    responses((status = 200, description = "ok", body = Device), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn tag_device(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -174,7 +279,8 @@ async fn tag_device(
     get_device(State(s), Path(id)).await
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DriftQuery {
     model: Option<String>,
     version: Option<u64>,
@@ -183,8 +289,19 @@ struct DriftQuery {
     by: Option<String>,
     /// Only the latest this many windows.
     last: Option<u32>,
+    /// Include each row's baseline and live histograms.
+    #[serde(default)]
+    histograms: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/drift",
+    tag = "drift",
+    summary = "Drift per cohort, signal and window",
+    params(DriftQuery),
+    responses((status = 200, description = "ok", body = Vec<DriftRow>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -> Result<Json<Vec<DriftRow>>> {
     let Some(model) = q.model else {
         let known: Vec<String> = s.store.drift_models()?.into_iter().map(|(m, v)| format!("{m}@{v}")).collect();
@@ -209,7 +326,7 @@ async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -
         _ => 0,
     };
     let s2 = s.clone();
-    let query = crate::drift::Query { model, version: q.version, selector, by, since };
+    let query = crate::drift::Query { model, version: q.version, selector, by, since, histograms: q.histograms };
     let rows = tokio::task::spawn_blocking(move || crate::drift::rows(&s2, &query))
         .await
         .map_err(|e| anyhow::anyhow!(e))??;
@@ -225,6 +342,14 @@ async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -
     Ok(Json(rows))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/samples/pull",
+    tag = "drift",
+    summary = "Ask devices for their reservoir samples",
+    request_body = SamplesPull,
+    responses((status = 200, description = "ok", body = SamplesPulled), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn pull_samples(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<SamplesPull>, JsonRejection>,
@@ -278,6 +403,14 @@ pub async fn request_samples(
     Ok((upload_id, devices))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/samples/uploads/{id}",
+    tag = "drift",
+    summary = "Progress of a sample upload",
+    params(("id" = String, Path, description = "upload id")),
+    responses((status = 200, description = "ok", body = Vec<SampleUploadDevice>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn sample_upload(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Vec<SampleUploadDevice>>> {
     let rows = s.store.sample_upload(&id)?;
     if rows.is_empty() {
@@ -290,13 +423,22 @@ async fn sample_upload(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> 
     ))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SamplesQuery {
     model: String,
     version: Option<u64>,
     selector: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/samples",
+    tag = "drift",
+    summary = "Stored reservoir samples as v2 requests",
+    params(SamplesQuery),
+    responses((status = 200, description = "ok", body = Vec<SampleRecord>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_samples(State(s): State<Arc<Shared>>, Query(q): Query<SamplesQuery>) -> Result<Json<Vec<SampleRecord>>> {
     let sel = selector(q.selector.as_deref())?;
     let tags: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
@@ -311,17 +453,34 @@ async fn list_samples(State(s): State<Arc<Shared>>, Query(q): Query<SamplesQuery
     Ok(Json(out))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AlertsQuery {
     /// Include resolved alerts.
     #[serde(default)]
     all: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts",
+    tag = "drift",
+    summary = "Drift alerts",
+    params(AlertsQuery),
+    responses((status = 200, description = "ok", body = Vec<DriftAlert>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_alerts(State(s): State<Arc<Shared>>, Query(q): Query<AlertsQuery>) -> Result<Json<Vec<DriftAlert>>> {
     Ok(Json(s.store.alerts(q.all)?.into_iter().map(crate::drift::alert).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}",
+    tag = "devices",
+    summary = "One device",
+    params(("id" = String, Path, description = "device id")),
+    responses((status = 200, description = "ok", body = Device), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn get_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Device>> {
     s.store.device(&id)?.map(|d| Json(device(d))).ok_or_else(|| {
         Error::new(
@@ -346,10 +505,25 @@ fn bundle(b: BundleRow) -> Bundle {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/bundles",
+    tag = "bundles",
+    summary = "List pushed bundles",
+    responses((status = 200, description = "ok", body = Vec<Bundle>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_bundles(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Bundle>>> {
     Ok(Json(s.store.bundles()?.into_iter().map(bundle).collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/bundles",
+    tag = "bundles",
+    summary = "Push a signed bundle file",
+    request_body(content = Vec<u8>, content_type = "application/vnd.flotilla.bundle"),
+    responses((status = 201, description = "ok", body = Bundle), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError), (status = 422, description = "error", body = ApiError))
+)]
 async fn push_bundle(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(StatusCode, Json<Bundle>)> {
     let s2 = s.clone();
     let res = tokio::task::spawn_blocking(move || {
@@ -372,6 +546,14 @@ async fn push_bundle(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(Statu
 }
 
 /// Serve a bundle file, honouring `Range: bytes=START-[END]` so downloads resume.
+#[utoipa::path(
+    get,
+    path = "/api/v1/bundles/{id}",
+    tag = "bundles",
+    summary = "Download a bundle file (Range supported; devices use the capability in their offer)",
+    params(("id" = String, Path, description = "bundle id (sha256 of the file)")),
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/vnd.flotilla.bundle"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn download_bundle(State(s): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let not_found = || Error::new(StatusCode::NOT_FOUND, "bundle_not_found", format!("no bundle {id:?}"), None);
@@ -450,6 +632,14 @@ fn parse_ref(r: &str) -> Option<(&str, u64)> {
     Some((n, v.parse().ok()?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    summary = "Start a rollout",
+    request_body = RolloutCreate,
+    responses((status = 201, description = "ok", body = RolloutCreated), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError))
+)]
 async fn create_rollout(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<RolloutCreate>, JsonRejection>,
@@ -610,6 +800,14 @@ fn rollout_view(s: &Shared, id: &str) -> anyhow::Result<Option<Rollout>> {
 }
 
 /// `pause`, `resume`, `abort`, `promote`, `rollback`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/{command}",
+    tag = "rollouts",
+    summary = "pause, resume, abort, promote or rollback",
+    params(("id" = String, Path, description = "rollout id"), ("command" = String, Path, description = "pause | resume | abort | promote | rollback")),
+    responses((status = 200, description = "ok", body = Rollout), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError))
+)]
 async fn command_rollout(
     State(s): State<Arc<Shared>>,
     Path((id, command)): Path<(String, String)>,
@@ -648,6 +846,13 @@ async fn command_rollout(
     rollout_view(&s, &id)?.map(Json).ok_or_else(not_found)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    summary = "List rollouts",
+    responses((status = 200, description = "ok", body = Vec<Rollout>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>>> {
     let mut out = Vec::new();
     for r in s.store.rollouts()? {
@@ -656,18 +861,35 @@ async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>
     Ok(Json(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    tag = "rollouts",
+    summary = "One rollout with its waves and gates",
+    params(("id" = String, Path, description = "rollout id")),
+    responses((status = 200, description = "ok", body = Rollout), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn get_rollout(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Rollout>> {
     rollout_view(&s, &id)?
         .map(Json)
         .ok_or_else(|| Error::new(StatusCode::NOT_FOUND, "rollout_not_found", format!("no rollout {id:?}"), None))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventQuery {
     device: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "devices",
+    summary = "Device events, newest first",
+    params(EventQuery),
+    responses((status = 200, description = "ok", body = Vec<Event>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) -> Result<Json<Vec<Event>>> {
     let rows = s.store.events(q.device.as_deref(), q.limit.unwrap_or(100).min(10_000))?;
     Ok(Json(
@@ -682,6 +904,13 @@ async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) 
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/trust/root",
+    tag = "trust",
+    summary = "The current trust root (CBOR)",
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/cbor"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn get_root(State(s): State<Arc<Shared>>) -> Result<Response> {
     let t = s.trust.read().expect("trust lock").clone();
     let t = t.ok_or_else(|| {
@@ -697,6 +926,14 @@ async fn get_root(State(s): State<Arc<Shared>>) -> Result<Response> {
 
 /// Accept a new trust root: the first one anchors the server; after that only the next version,
 /// signed by a threshold of the current root's keys and of its own. Then send it to every device.
+#[utoipa::path(
+    post,
+    path = "/api/v1/trust/root",
+    tag = "trust",
+    summary = "Push the next trust root (admin)",
+    request_body(content = Vec<u8>, content_type = "application/cbor"),
+    responses((status = 201, description = "ok", body = TrustRootPushed), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError), (status = 422, description = "error", body = ApiError))
+)]
 async fn push_root(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(StatusCode, Json<TrustRootPushed>)> {
     let now = now_s();
     let invalid = |e: flotilla_bundle::Error| {
@@ -765,14 +1002,38 @@ fn no_job(id: &str) -> Error {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/retrain/policies",
+    tag = "retrain",
+    summary = "Retraining policies",
+    responses((status = 200, description = "ok", body = Vec<RetrainPolicy>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_policies(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainPolicy>>> {
     Ok(Json(crate::retrain::policies(&s)?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/retrain/policies/{model}",
+    tag = "retrain",
+    summary = "A model's retraining policy",
+    params(("model" = String, Path, description = "model name")),
+    responses((status = 200, description = "ok", body = RetrainPolicy), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn get_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<Json<RetrainPolicy>> {
     crate::retrain::policy(&s, &model)?.map(Json).ok_or_else(|| no_policy(&model))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/retrain/policies/{model}",
+    tag = "retrain",
+    summary = "Create or replace a retraining policy",
+    params(("model" = String, Path, description = "model name")),
+    request_body = RetrainPolicy,
+    responses((status = 200, description = "ok", body = RetrainPolicy), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn put_policy(
     State(s): State<Arc<Shared>>,
     Path(model): Path<String>,
@@ -795,18 +1056,49 @@ async fn put_policy(
     Ok(Json(p))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/retrain/policies/{model}",
+    tag = "retrain",
+    summary = "Remove a retraining policy",
+    params(("model" = String, Path, description = "model name")),
+    responses((status = 204, description = "ok"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn delete_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<StatusCode> {
     if s.store.delete_retrain_policy(&model)? { Ok(StatusCode::NO_CONTENT) } else { Err(no_policy(&model)) }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/retrain/jobs",
+    tag = "retrain",
+    summary = "Retraining jobs, newest first",
+    responses((status = 200, description = "ok", body = Vec<RetrainJob>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn list_jobs(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainJob>>> {
     Ok(Json(crate::retrain::jobs(&s)?.into_iter().map(|d| d.job).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/retrain/jobs/{id}",
+    tag = "retrain",
+    summary = "One retraining job",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "ok", body = RetrainJob), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn get_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<RetrainJob>> {
     crate::retrain::job(&s, &id)?.map(|d| Json(d.job)).ok_or_else(|| no_job(&id))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/retrain/jobs",
+    tag = "retrain",
+    summary = "Start a retraining job by hand",
+    request_body = RetrainStart,
+    responses((status = 201, description = "ok", body = RetrainJob), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError))
+)]
 async fn start_job(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<RetrainStart>, JsonRejection>,
@@ -846,6 +1138,15 @@ async fn start_job(
     Ok((StatusCode::CREATED, Json(d.job)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/retrain/jobs/{id}/approve",
+    tag = "retrain",
+    summary = "Start a waiting job's rollout; the body may be the candidate bundle with another signature",
+    params(("id" = String, Path, description = "job id")),
+    request_body(content = Vec<u8>, content_type = "application/vnd.flotilla.bundle"),
+    responses((status = 200, description = "ok", body = RetrainJob), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError))
+)]
 async fn approve_job(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Result<Json<RetrainJob>> {
     crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
     let s2 = s.clone();
@@ -858,6 +1159,14 @@ async fn approve_job(State(s): State<Arc<Shared>>, Path(id): Path<String>, body:
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/retrain/jobs/{id}/cancel",
+    tag = "retrain",
+    summary = "Cancel a job",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "ok", body = RetrainJob), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError))
+)]
 async fn cancel_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<RetrainJob>> {
     crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
     crate::retrain::cancel(&s, &id)
@@ -865,6 +1174,15 @@ async fn cancel_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Res
         .map_err(|m| Error::new(StatusCode::CONFLICT, "cannot_cancel", m, None))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/retrain/jobs/{id}/candidate",
+    tag = "retrain",
+    summary = "A training pipeline delivers its model (capability in the webhook's upload_url)",
+    params(("id" = String, Path, description = "job id")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "ok", body = RetrainJob), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError), (status = 409, description = "error", body = ApiError), (status = 422, description = "error", body = ApiError))
+)]
 async fn upload_candidate(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -896,6 +1214,14 @@ const JOB_FILES: [(&str, &str); 8] = [
     ("evaluator.log", "text/plain; charset=utf-8"),
 ];
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/retrain/jobs/{id}/files/{name}",
+    tag = "retrain",
+    summary = "A job's file: base-model, candidate-model, samples.json, heldout.json, reference.json, candidate.flb, trainer.log, evaluator.log",
+    params(("id" = String, Path, description = "job id"), ("name" = String, Path, description = "file name")),
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/octet-stream"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
 async fn job_file(State(s): State<Arc<Shared>>, Path((id, name)): Path<(String, String)>) -> Result<Response> {
     crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
     let Some((_, media)) = JOB_FILES.iter().find(|(n, _)| *n == name) else {
@@ -913,8 +1239,157 @@ async fn job_file(State(s): State<Arc<Shared>>, Path((id, name)): Path<(String, 
     }
 }
 
+// ---- the console (static, embedded) ----
+
+const CONSOLE: [(&str, &str, &str); 3] = [
+    ("index.html", "text/html; charset=utf-8", include_str!("../console/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_str!("../console/app.js")),
+    ("style.css", "text/css; charset=utf-8", include_str!("../console/style.css")),
+];
+
+async fn console_index() -> Response {
+    console_asset(Path("index.html".into())).await
+}
+
+async fn console_asset(Path(file): Path<String>) -> Response {
+    match CONSOLE.iter().find(|(name, _, _)| *name == file) {
+        Some((_, media, body)) => {
+            ([(header::CONTENT_TYPE, *media), (header::CACHE_CONTROL, "no-cache")], *body).into_response()
+        }
+        None => {
+            Error::new(StatusCode::NOT_FOUND, "not_found", format!("no console file {file:?}"), None).into_response()
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/whoami",
+    tag = "tokens",
+    summary = "The calling token's id, name and role",
+    responses((status = 200, description = "ok", body = Token), (status = 401, description = "error", body = ApiError))
+)]
+async fn whoami(axum::Extension(c): axum::Extension<crate::auth::Caller>) -> Json<Token> {
+    Json(Token {
+        id: c.id,
+        role: c.role.as_str().into(),
+        name: c.name,
+        created: String::new(),
+        last_used: None,
+        token: None,
+    })
+}
+
+// ---- tokens ----
+
+fn token_view(t: crate::store::TokenRow) -> Token {
+    Token {
+        id: t.id,
+        role: t.role,
+        name: t.name,
+        created: rfc3339(t.created),
+        last_used: t.last_used.map(rfc3339),
+        token: None,
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    tag = "tokens",
+    summary = "API tokens (admin; never the secrets)",
+    responses((status = 200, description = "ok", body = Vec<Token>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
+async fn list_tokens(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Token>>> {
+    Ok(Json(s.store.tokens()?.into_iter().map(token_view).collect()))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    tag = "tokens",
+    summary = "Make a token (admin); the secret is in this answer only",
+    request_body = TokenCreate,
+    responses((status = 201, description = "ok", body = Token), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
+async fn create_token(
+    State(s): State<Arc<Shared>>,
+    body: std::result::Result<Json<TokenCreate>, JsonRejection>,
+) -> Result<(StatusCode, Json<Token>)> {
+    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let role = crate::auth::Role::parse(&req.role).ok_or_else(|| {
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_role",
+            format!("no role {:?}", req.role),
+            Some("roles are viewer (read), operator (rollouts, retraining, devices) and admin (tokens, trust root)"),
+        )
+    })?;
+    let (id, token) = crate::auth::create_token(&s.store, role, &req.name)?;
+    let now = rfc3339(now_s());
+    Ok((
+        StatusCode::CREATED,
+        Json(Token {
+            id,
+            role: role.as_str().into(),
+            name: req.name,
+            created: now,
+            last_used: None,
+            token: Some(token),
+        }),
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{id}",
+    tag = "tokens",
+    summary = "Revoke a token (admin)",
+    params(("id" = String, Path, description = "token id")),
+    responses((status = 204, description = "ok"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
+async fn revoke_token(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<StatusCode> {
+    if s.store.delete_token(&id)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::new(StatusCode::NOT_FOUND, "token_not_found", format!("no token {id:?}"), None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// The OpenAPI document and the router cannot drift apart: every `.route(...)` of
+    /// [`super::router`] (read from this file) is in the document with each of its methods, and
+    /// the document has no path the router lacks.
+    #[test]
+    fn every_route_is_in_the_openapi_document() {
+        let doc = serde_json::to_value(<super::ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        let src = include_str!("http.rs");
+        let router = &src[src.find("pub fn router(").unwrap()..];
+        let router = &router[..router.find("\n}\n").unwrap()];
+        let mut routes = std::collections::BTreeSet::new();
+        for line in router.lines().filter(|l| l.trim_start().starts_with(".route(\"/api/")) {
+            let path = line.split('"').nth(1).unwrap();
+            let handlers = &line[line.find("\",").unwrap()..];
+            let mut methods = 0;
+            for m in ["get", "post", "put", "delete"] {
+                if handlers.contains(&format!("{m}(")) {
+                    methods += 1;
+                    let op = &doc["paths"][path][m];
+                    assert!(op.is_object(), "{m} {path} is routed but not in the OpenAPI document");
+                    assert!(op["responses"].is_object() && op["summary"].is_string(), "{m} {path}: {op}");
+                }
+            }
+            assert!(methods > 0, "no method found in {line:?}");
+            routes.insert(path.to_string());
+        }
+        assert!(routes.len() >= 27, "{routes:?}");
+        let documented: std::collections::BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(documented, routes, "documented paths vs routed paths");
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    }
+
     use super::parse_range;
 
     #[test]

@@ -5,12 +5,14 @@
 //! chunks ([`fleet`]), the rollout driver ([`driver`]), and the HTTP API ([`http`]). All fleet
 //! state is in the SQLite [`store`].
 
+pub mod auth;
 pub mod broker;
 pub mod bundles;
 pub mod drift;
 pub mod driver;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod retrain;
 pub mod store;
 
@@ -101,6 +103,9 @@ pub struct Shared {
     pub drift_cohort_key: String,
     pub drift_period_ms: u64,
     pub retrain: retrain::Retrain,
+    /// Keys the capabilities in offer and webhook URLs ([`auth::capability`]).
+    pub capability_key: String,
+    pub metrics: metrics::Counters,
 }
 
 pub struct Server {
@@ -110,6 +115,7 @@ pub struct Server {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    data_dir: PathBuf,
 }
 
 impl Server {
@@ -118,6 +124,8 @@ impl Server {
         let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
         let files = BundleFiles::open(&cfg.data_dir)?;
         let trust = load_trust(&store, cfg.trust_root.as_deref())?;
+        auth::ensure_admin(&store, &cfg.data_dir)?;
+        let capability_key = auth::capability_key(&store)?;
         let retrain_key = match &cfg.retrain_key {
             Some(p) => Some(
                 flotilla_bundle::keys::SecretKey::load(p).with_context(|| format!("--retrain-key {}", p.display()))?,
@@ -190,6 +198,8 @@ impl Server {
             drift_cohort_key: cfg.drift_cohort_key.clone(),
             drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
             retrain: retrain::Retrain::new(&cfg.data_dir, retrain_key),
+            capability_key,
+            metrics: Default::default(),
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -208,11 +218,16 @@ impl Server {
         let endpoints = serde_json::json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string() });
         std::fs::write(cfg.data_dir.join("endpoints.json"), endpoints.to_string())?;
         tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %cfg.data_dir.display(), "flotilla-server started");
-        Ok(Server { shared, broker, cancel, tasks, http_addr, mqtt_addr })
+        Ok(Server { shared, broker, cancel, tasks, http_addr, mqtt_addr, data_dir: cfg.data_dir.clone() })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The admin token written on the first start (`DATA_DIR/admin.token`), if it is still there.
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join(auth::ADMIN_TOKEN_FILE)).ok().map(|t| t.trim().to_string())
     }
 
     pub async fn shutdown(mut self) {

@@ -8,19 +8,24 @@ use flotilla_server::{Server, ServerConfig};
 
 const EXAMPLE: &str = "\
 Example:
-  flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883 --trust-root root.cbor";
+  flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883 --trust-root root.cbor
+  # the first start writes an admin token to ./fleet/admin.token; more tokens:
+  flotilla-server token create --data-dir ./fleet --role operator --name ci";
 
 /// The Flotilla control plane: device registry, bundle store, rollouts, with an embedded MQTT
 /// broker and SQLite store by default.
 ///
 /// Once listening it writes DATA_DIR/endpoints.json with the bound `http` and `mqtt`
-/// addresses (use port 0 to let the system pick).
+/// addresses (use port 0 to let the system pick). Every API call but the health check needs a
+/// bearer token: the first start writes an admin token to DATA_DIR/admin.token (mode 0600).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_help = EXAMPLE)]
 struct Args {
     /// Where the store, bundles and endpoints.json live.
-    #[arg(long, env = "FLOTILLA_DATA_DIR")]
-    data_dir: PathBuf,
+    #[arg(long, env = "FLOTILLA_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// HTTP API address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -64,6 +69,54 @@ struct Args {
     topic_prefix: String,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// API tokens, made and revoked on the store directly (the server may be running).
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCmd {
+    /// Make a token and print it; it is shown this once (only its hash is kept).
+    Create {
+        /// viewer (read), operator (rollouts, retraining, devices) or admin (tokens, trust root).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// What it is for (shown by `token ls`).
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List tokens (ids, roles, names, last use; never the secrets).
+    Ls,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+fn token(cmd: TokenCmd, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let store = flotilla_server::store::Store::open(&data_dir.join("fleet.db"))?;
+    match cmd {
+        TokenCmd::Create { role, name } => {
+            let role = flotilla_server::auth::Role::parse(&role).expect("clap checked the role");
+            let (id, token) = flotilla_server::auth::create_token(&store, role, &name)?;
+            eprintln!("created {id} ({}); the token is shown once:", role.as_str());
+            println!("{token}");
+        }
+        TokenCmd::Ls => {
+            for t in store.tokens()? {
+                let at = |t: i64| flotilla_server::rfc3339_ms(t * 1000);
+                let used = t.last_used.map_or("never".into(), at);
+                println!("{}  {:<8}  created {}  last used {used}  {}", t.id, t.role, at(t.created), t.name);
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            anyhow::ensure!(store.delete_token(&id)?, "no token {id:?} (see `flotilla-server token ls`)");
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
 fn parse_secs(s: &str) -> Result<u64, String> {
     match flotilla_drift::Window::parse(s)? {
         flotilla_drift::Window::Seconds(n) => Ok(n),
@@ -81,7 +134,18 @@ async fn main() {
         )
         .init();
     let a = Args::parse();
-    let mut cfg = ServerConfig::new(a.data_dir);
+    let Some(data_dir) = a.data_dir else {
+        eprintln!("flotilla-server: --data-dir DIR (or FLOTILLA_DATA_DIR) is required");
+        std::process::exit(2);
+    };
+    if let Some(Cmd::Token(t)) = a.cmd {
+        if let Err(e) = token(t, &data_dir) {
+            eprintln!("flotilla-server: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let mut cfg = ServerConfig::new(data_dir);
     cfg.http = a.http;
     cfg.mqtt = a.mqtt;
     cfg.external_broker = a.broker;

@@ -587,15 +587,17 @@ async fn call_webhook(s: &Arc<Shared>, id: &str, p: &RetrainPolicy) -> anyhow::R
     let url = p.trainer.webhook.as_deref().context("no webhook")?;
     let base =
         s.public_url.as_deref().context("webhooks need the server's --public-url for the pipeline to call back")?;
+    // The URLs carry a capability for this job's files and upload only.
+    let cap = crate::auth::capability(&s.capability_key, "job", id);
     let files = format!("{base}/api/v1/retrain/jobs/{id}/files");
     let call = WebhookCall {
         job: id,
         model: &d.job.model,
         base_version: d.job.base_version,
-        base_model_url: format!("{files}/base-model"),
-        samples_url: format!("{files}/samples.json"),
+        base_model_url: format!("{files}/base-model?token={cap}"),
+        samples_url: format!("{files}/samples.json?token={cap}"),
         training_data: p.data.training_data.as_deref(),
-        upload_url: format!("{base}/api/v1/retrain/jobs/{id}/candidate"),
+        upload_url: format!("{base}/api/v1/retrain/jobs/{id}/candidate?token={cap}"),
     };
     let resp = reqwest::Client::new()
         .post(url)

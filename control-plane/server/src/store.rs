@@ -124,6 +124,18 @@ CREATE TABLE IF NOT EXISTS drift_alerts (
     raised INTEGER NOT NULL,
     resolved INTEGER
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    last_used INTEGER
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS retrain_policies (
     model TEXT PRIMARY KEY,
     policy TEXT NOT NULL,
@@ -223,9 +235,30 @@ pub struct RolloutDeviceRow {
     pub offered_at: i64,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub id: String,
+    pub role: String,
+    pub name: String,
+    pub created: i64,
+    pub last_used: Option<i64>,
+}
+
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    latency: Latency,
+}
+
+/// Upper bounds (seconds) of the store latency histogram's buckets.
+const LATENCY_BOUNDS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
+
+/// How long store operations take (lock wait included), for `/metrics`.
+#[derive(Debug, Default)]
+struct Latency {
+    buckets: [std::sync::atomic::AtomicU64; 9],
+    count: std::sync::atomic::AtomicU64,
+    sum_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -243,11 +276,28 @@ impl Store {
         add_column(&conn, "rollouts", "plan", "TEXT")?;
         add_column(&conn, "rollouts", "engine", "TEXT")?;
         add_column(&conn, "rollouts", "reason", "TEXT")?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store { conn: Mutex::new(conn), latency: Latency::default() })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> anyhow::Result<T> {
-        Ok(f(&mut self.conn.lock().expect("store lock"))?)
+        use std::sync::atomic::Ordering::Relaxed;
+        let start = std::time::Instant::now();
+        let r = f(&mut self.conn.lock().expect("store lock"));
+        let took = start.elapsed();
+        if let Some(i) = LATENCY_BOUNDS.iter().position(|&b| took.as_secs_f64() <= b) {
+            self.latency.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.latency.count.fetch_add(1, Relaxed);
+        self.latency.sum_ns.fetch_add(took.as_nanos() as u64, Relaxed);
+        Ok(r?)
+    }
+
+    /// The latency histogram: (upper bound, operations in that bucket alone), the count of all
+    /// operations and their total seconds.
+    pub fn latency(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = LATENCY_BOUNDS.iter().zip(&self.latency.buckets).map(|(&le, n)| (le, n.load(Relaxed))).collect();
+        (b, self.latency.count.load(Relaxed), self.latency.sum_ns.load(Relaxed) as f64 / 1e9)
     }
 
     // ---- devices ----
@@ -461,6 +511,72 @@ impl Store {
                 "SELECT {ALERT_COLUMNS} FROM drift_alerts WHERE ?1 OR state = 'firing' ORDER BY id DESC"
             ))?;
             st.query_map([all], alert_row)?.collect()
+        })
+    }
+
+    // ---- API tokens and settings ----
+
+    pub fn add_token(&self, id: &str, hash: &str, role: &str, name: &str, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, hash, role, name, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, hash, role, name, now],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The token with this hash (its secret is not kept), marking it used.
+    pub fn token_by_hash(&self, hash: &str, now: i64) -> anyhow::Result<Option<TokenRow>> {
+        self.with(|c| {
+            let found = c
+                .query_row("SELECT id, role, name, created, last_used FROM tokens WHERE hash = ?1", [hash], |r| {
+                    Ok(TokenRow {
+                        id: r.get(0)?,
+                        role: r.get(1)?,
+                        name: r.get(2)?,
+                        created: r.get(3)?,
+                        last_used: r.get(4)?,
+                    })
+                })
+                .optional()?;
+            if let Some(t) = &found {
+                c.execute("UPDATE tokens SET last_used = ?2 WHERE id = ?1", params![t.id, now])?;
+            }
+            Ok(found)
+        })
+    }
+
+    /// Every token (never the secret, which is not kept).
+    pub fn tokens(&self) -> anyhow::Result<Vec<TokenRow>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, role, name, created, last_used FROM tokens ORDER BY created, id")?;
+            st.query_map([], |r| {
+                Ok(TokenRow {
+                    id: r.get(0)?,
+                    role: r.get(1)?,
+                    name: r.get(2)?,
+                    created: r.get(3)?,
+                    last_used: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    pub fn delete_token(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self.with(|c| c.execute("DELETE FROM tokens WHERE id = ?1", [id]))? > 0)
+    }
+
+    pub fn setting(&self, key: &str) -> anyhow::Result<Option<String>> {
+        self.with(|c| c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional())
+    }
+
+    /// Store `value` unless the key has one; returns the stored value either way.
+    pub fn setting_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {
+        self.with(|c| {
+            c.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
         })
     }
 

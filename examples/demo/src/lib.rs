@@ -56,6 +56,8 @@ pub struct Fleet {
     /// The key the server signs retrained bundles with (`--retrain-key`), a `targets` signer.
     pub automation_key: SecretKey,
     pub root_path: PathBuf,
+    /// The server's admin token (`DATA_DIR/admin.token`); `http` sends it on every request.
+    pub token: String,
     pub http: reqwest::Client,
 }
 
@@ -110,6 +112,7 @@ impl Fleet {
             cfg.chunk_size = c;
         }
         let server = Server::start(cfg.clone()).await?;
+        let token = server.admin_token().context("the server wrote no admin token")?;
         cfg.http = server.http_addr;
         if cfg.external_broker.is_none() {
             cfg.mqtt = server.mqtt_addr;
@@ -122,7 +125,8 @@ impl Fleet {
             key,
             automation_key,
             root_path,
-            http: reqwest::Client::new(),
+            http: authorized_client(&token)?,
+            token,
         };
         for i in 0..devices {
             fleet.start_agent(&format!("dev-{i}")).await?;
@@ -376,6 +380,15 @@ impl Fleet {
         }
         self.server.shutdown().await;
     }
+}
+
+/// An HTTP client that sends `Authorization: Bearer TOKEN` with every request.
+pub fn authorized_client(token: &str) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(reqwest::Client::builder().default_headers(headers).build()?)
 }
 
 /// Add `key`'s signature to a bundle held in memory.
