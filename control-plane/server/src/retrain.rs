@@ -370,8 +370,14 @@ async fn advance(s: &Arc<Shared>, d: &JobDoc) -> anyhow::Result<()> {
             };
             match r.state.as_str() {
                 "completed" => {
-                    if let Some(a) = d.job.alert_id {
-                        s.store.resolve_alert(a, now)?;
+                    // The cohort no longer runs the base version: its alerts on it are over
+                    // (the one that started the job, and any other signal's).
+                    for a in s.store.alerts(false)? {
+                        let same =
+                            a.model == d.job.model && a.version == d.job.base_version && a.cohort == d.job.selector;
+                        if same || Some(a.id) == d.job.alert_id {
+                            s.store.resolve_alert(a.id, now)?;
+                        }
                     }
                     let v = d.job.candidate_version.unwrap_or_default();
                     transition(

@@ -305,6 +305,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     stop.store(true, Ordering::Relaxed);
     traffic.await??;
+    let still_firing: Vec<flotilla_api::v1::DriftAlert> =
+        fleet.alerts().await?.into_iter().filter(|a| a.state == "firing").collect();
 
     // Accuracy on brightened images no device ever saw (held-out images 300..449).
     let drifted: Vec<Vec<f32>> =
@@ -377,6 +379,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 "before_version": 1,
                 "after_version": v2,
             },
+            "alerts_firing_at_end": still_firing,
             "timeline": *tl.events.lock().expect("timeline"),
             "elapsed_secs": tl.t0.elapsed().as_secs_f64(),
         });
@@ -386,12 +389,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     if args.keep {
+        let token_file = dir.join("server").join("admin.token");
         println!(
-            "\nThe fleet keeps running: control plane http://{} (try `flotilla --server http://{} devices ls -l`, \
-             `rollout ls`, `retrain ls`, `drift show --model digits`). Data in {}. Ctrl-C to stop.",
-            fleet.server.http_addr,
-            fleet.server.http_addr,
-            dir.display()
+            "\nThe fleet keeps running. Console: http://{addr}/ (sign in with the token in {tf}).\n\
+             CLI: flotilla context add demo --server http://{addr} --token-file {tf}\n     \
+             then `flotilla devices ls -l`, `rollout ls`, `retrain ls`, `drift show --model digits`.\n\
+             Data in {dir}. Ctrl-C to stop.",
+            addr = fleet.server.http_addr,
+            tf = token_file.display(),
+            dir = dir.display()
         );
         let _ = tokio::signal::ctrl_c().await;
     }

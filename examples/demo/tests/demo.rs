@@ -43,4 +43,7 @@ fn the_demo_runs_its_story_and_exits_zero() {
     let (before, after) = (d["before"].as_f64().unwrap(), d["after"].as_f64().unwrap());
     assert!(before > 0.2 && after <= 0.2, "drift back under the threshold: {d}");
     assert!(s["timeline"].as_array().unwrap().len() >= 10);
+    // The field left digits@1: its alerts on it were resolved with the job.
+    let firing = s["alerts_firing_at_end"].as_array().unwrap();
+    assert!(firing.iter().all(|a| a["version"] != 1 || a["cohort"] != "group=field"), "{firing:?}");
 }
