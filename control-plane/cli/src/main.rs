@@ -19,10 +19,13 @@ const EXAMPLES: &str = "\
 A first rollout:
   flotilla keygen --out ops
   flotilla trust init --key ops.key --out root.cbor
+  flotilla-server --data-dir ./fleet --trust-root root.cbor &      # writes ./fleet/admin.token
+  flotilla context add local --server http://127.0.0.1:8080 --token-file ./fleet/admin.token
   flotilla bundle build --name digits --version 1 --model digits.onnx --out d1.flb
   flotilla bundle sign d1.flb --key ops.key
-  flotilla bundle push d1.flb --server http://127.0.0.1:8080
-  flotilla rollout start --bundle digits@1 --server http://127.0.0.1:8080";
+  flotilla bundle push d1.flb
+  flotilla rollout start --bundle digits@1 --waves 1,100% --gate 'install_success>=1'
+  flotilla rollout watch r-…";
 
 /// Flotilla fleet CLI: keys and trust roots, signed model bundles, devices, staged rollouts,
 /// drift and retraining.
