@@ -148,7 +148,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "baseline": "samples",
             "plan": {
                 "waves": ["1", "100%"], "bake_secs": 2, "on_failure": "rollback",
-                "gates": ["install_success>=1", "error_rate<=0.01", "psi<=0.25"],
+                // The drift gate takes the worst signal; PSI of the binary accuracy signal against
+                // a near-perfect baseline reads 0.1-0.3 from a few percent of errors, hence 0.5
+                // (v1's field drift was over 10).
+                "gates": ["install_success>=1", "error_rate<=0.01", "psi<=0.5"],
                 "gate_timeout_secs": 60
             }
         }
