@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Cross-build the agent for an ARM board with Debian's toolchain (see cross/README.md).
+#
+#   cross/build.sh aarch64-unknown-linux-gnu            # the edge-profile agent
+#   cross/build.sh aarch64-unknown-linux-gnu --test     # and run the agent's unit tests under qemu-user
+#   cross/build.sh armv7-unknown-linux-gnueabihf
+#
+# Output: target/cross/TARGET/edge/flotilla-agent (stripped). Builds only the agent and the
+# crates it needs; the target directory is separate from the host's so neither rebuilds the other.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+target=${1:?usage: cross/build.sh TARGET [--test]}
+mode=${2:-}
+bash "$here/setup.sh" "$target"
+case "$target" in
+    aarch64-unknown-linux-gnu) arch=arm64; gnu=aarch64-linux-gnu; runner="qemu-aarch64-static -L /" ;;
+    armv7-unknown-linux-gnueabihf) arch=armhf; gnu=arm-linux-gnueabihf; runner="qemu-arm-static -L /usr/arm-linux-gnueabihf" ;;
+esac
+# Debian's cargo and rustc, not rustup's (which has no std for these targets here).
+export PATH="/usr/bin:$PATH"
+unset RUSTUP_TOOLCHAIN
+unset RUSTC RUSTDOC CARGO
+upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
+under=${target//-/_}
+export "CARGO_TARGET_${upper}_LINKER=$gnu-gcc"
+export "CARGO_TARGET_${upper}_RUSTFLAGS=--sysroot $here/sysroot/$arch/usr"
+export "CARGO_TARGET_${upper}_RUNNER=$runner"
+export "CC_${under}=$gnu-gcc" "AR_${under}=$gnu-ar"
+export CARGO_TARGET_DIR="$root/target/cross"
+cd "$root"
+start=$(date +%s)
+cargo build --locked --profile edge --target "$target" -p flotilla-agent --bin flotilla-agent
+bin="$CARGO_TARGET_DIR/$target/edge/flotilla-agent"
+echo "built $bin: $(stat -c %s "$bin") bytes in $(( $(date +%s) - start )) s" >&2
+file "$bin" 2>/dev/null || true
+if [ "$mode" = "--test" ]; then
+    start=$(date +%s)
+    cargo test --locked --target "$target" -p flotilla-agent --lib
+    echo "unit tests under $runner: $(( $(date +%s) - start )) s" >&2
+fi
