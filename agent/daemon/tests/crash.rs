@@ -6,6 +6,9 @@
 //! 50 rounds by default; `FLOTILLA_CRASH_ROUNDS=1000` for a soak, `FLOTILLA_CRASH_SEED=N` to
 //! replay the kill times of a failing run (the seed is printed).
 
+// They need a control plane, which cross builds do not build for ARM (see Cargo.toml).
+#![cfg(not(flotilla_cross))]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
