@@ -244,6 +244,12 @@ pub struct TokenRow {
     pub last_used: Option<i64>,
 }
 
+const TOKEN_COLUMNS: &str = "id, role, name, created, last_used";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow { id: r.get(0)?, role: r.get(1)?, name: r.get(2)?, created: r.get(3)?, last_used: r.get(4)? })
+}
+
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
@@ -530,15 +536,7 @@ impl Store {
     pub fn token_by_hash(&self, hash: &str, now: i64) -> anyhow::Result<Option<TokenRow>> {
         self.with(|c| {
             let found = c
-                .query_row("SELECT id, role, name, created, last_used FROM tokens WHERE hash = ?1", [hash], |r| {
-                    Ok(TokenRow {
-                        id: r.get(0)?,
-                        role: r.get(1)?,
-                        name: r.get(2)?,
-                        created: r.get(3)?,
-                        last_used: r.get(4)?,
-                    })
-                })
+                .query_row(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"), [hash], token_row)
                 .optional()?;
             if let Some(t) = &found {
                 c.execute("UPDATE tokens SET last_used = ?2 WHERE id = ?1", params![t.id, now])?;
@@ -550,17 +548,8 @@ impl Store {
     /// Every token (never the secret, which is not kept).
     pub fn tokens(&self) -> anyhow::Result<Vec<TokenRow>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, role, name, created, last_used FROM tokens ORDER BY created, id")?;
-            st.query_map([], |r| {
-                Ok(TokenRow {
-                    id: r.get(0)?,
-                    role: r.get(1)?,
-                    name: r.get(2)?,
-                    created: r.get(3)?,
-                    last_used: r.get(4)?,
-                })
-            })?
-            .collect()
+            let mut st = c.prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created, id"))?;
+            st.query_map([], token_row)?.collect()
         })
     }
 
