@@ -18,6 +18,9 @@ pub struct FileConfig {
     pub api: Option<String>,
     pub api_socket: Option<PathBuf>,
     pub password: Option<String>,
+    /// A per-device identity file (device id, broker password, tags) written at flashing time
+    /// by `flotilla-image personalise`; its values win over this file's.
+    pub identity: Option<PathBuf>,
     pub topic_prefix: Option<String>,
     /// Disk space an install must leave free, in bytes (default 64 MiB).
     pub disk_reserve_bytes: Option<u64>,
@@ -48,6 +51,41 @@ impl FileConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+/// What makes one device itself, kept apart from the shared config so that one image serves
+/// many devices: `flotilla-image personalise` writes it into each device's copy (mode 0600).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub device_id: Option<String>,
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Identity {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Identity> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "identity file {} is missing: this device was not personalised \
+                 (flotilla-image personalise writes it)",
+                path.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading identity {}", path.display())),
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "identity file is readable by others; it holds the broker password (chmod 600)");
+            }
+        }
+        // The error names the key, never the text: the file holds a secret.
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing identity {}: {}", path.display(), e.message()))
     }
 }
 
@@ -183,5 +221,20 @@ mod tests {
         let ok: FileConfig = toml::from_str("device_id = \"a\"\n[tags]\ngroup = \"lab\"\n").unwrap();
         assert_eq!(ok.tags["group"], "lab");
         assert!(toml::from_str::<FileConfig>("devce_id = \"a\"").is_err());
+    }
+
+    #[test]
+    fn identity_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("identity.toml");
+        let err = Identity::load(&p).unwrap_err().to_string();
+        assert!(err.contains("not personalised"), "{err}");
+        std::fs::write(&p, "device_id = \"rpi-7\"\npassword = \"s3cret\"\n[tags]\nsite = \"north\"\n").unwrap();
+        let id = Identity::load(&p).unwrap();
+        assert_eq!((id.device_id.as_deref(), id.password.as_deref()), (Some("rpi-7"), Some("s3cret")));
+        assert_eq!(id.tags["site"], "north");
+        std::fs::write(&p, "password = \"s3cret\"\npasword = \"s3cret\"\n").unwrap();
+        let err = Identity::load(&p).unwrap_err().to_string();
+        assert!(err.contains("pasword") && !err.contains("s3cret"), "{err}");
     }
 }

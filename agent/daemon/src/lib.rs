@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, BrokerUrl, Clock, FileConfig};
+pub use config::{AgentConfig, BrokerUrl, Clock, FileConfig, Identity};
 
 use crate::blobs::{BlobStore, write_atomic};
 use crate::models::{ActiveModel, Registry, load_and_test};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use flotilla_agent::{Agent, AgentConfig, BrokerUrl, FileConfig};
+use flotilla_agent::{Agent, AgentConfig, BrokerUrl, FileConfig, Identity};
 
 const EXAMPLE: &str = "\
 Example:
@@ -49,6 +49,10 @@ struct Args {
     /// Broker password for this device.
     #[arg(long, env = "FLOTILLA_DEVICE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Per-device identity file (TOML: device_id, password, [tags]) written by
+    /// `flotilla-image personalise`; it wins over --config, flags win over it.
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_AGENT_IDENTITY")]
+    identity: Option<PathBuf>,
     /// Device tag KEY=VALUE (repeatable), reported in hello.
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     tags: Vec<String>,
@@ -69,10 +73,16 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let file = match &args.config {
+    let mut file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    if let Some(path) = args.identity.as_ref().or(file.identity.as_ref()) {
+        let id = Identity::load(path)?;
+        file.device_id = id.device_id.or(file.device_id);
+        file.password = id.password.or(file.password);
+        file.tags.extend(id.tags);
+    }
     let broker: BrokerUrl = need(args.broker.or(file.broker), "--broker")?.parse()?;
     let mut cfg = AgentConfig::new(
         need(args.data_dir.or(file.data_dir), "--data-dir")?,

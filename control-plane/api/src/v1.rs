@@ -169,6 +169,27 @@ pub struct TagsUpdate {
     pub remove: Vec<String>,
 }
 
+/// `PUT /api/v1/devices/{id}/credential`: the SHA-256 (hex) of the broker password a device was
+/// flashed with (`flotilla-image personalise` writes the password into the device's image and
+/// only its hash into `enroll.csv`; the server never sees the password).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CredentialUpdate {
+    pub password_sha256: String,
+}
+
+/// A device's enrolled broker credential (never the password or its hash).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceCredential {
+    pub device_id: String,
+    /// RFC 3339 time of enrollment.
+    pub created: String,
+    /// Whether the broker checks it: true with the embedded broker; an external broker keeps
+    /// its own password file.
+    pub enforced: bool,
+}
+
 /// One row of `GET /api/v1/drift`: a signal of a model version, merged over a cohort's devices
 /// for one aggregation window, scored against the bundle's baseline.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -35,23 +35,29 @@ impl Client {
         Ok(Client { base: base.trim_end_matches('/').to_string(), http })
     }
 
+    /// The response's body when it succeeded; else the API's error (code, message, hint).
+    fn body(&self, what: &str, r: reqwest::Result<reqwest::blocking::Response>) -> anyhow::Result<Vec<u8>> {
+        let r = r.with_context(|| format!("cannot reach the control plane at {} ({what})", self.base))?;
+        let status = r.status();
+        let body = r.bytes()?;
+        if status.is_success() {
+            return Ok(body.to_vec());
+        }
+        match serde_json::from_slice::<ApiError>(&body) {
+            Ok(ApiError { code, message, hint: Some(h) }) => {
+                bail!("{} ({code}): {message}\nhint: {h}", status.as_u16())
+            }
+            Ok(ApiError { code, message, hint: None }) => bail!("{} ({code}): {message}", status.as_u16()),
+            Err(_) => bail!("{what}: HTTP {status}: {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
     fn handle<T: DeserializeOwned>(
         &self,
         what: &str,
         r: reqwest::Result<reqwest::blocking::Response>,
     ) -> anyhow::Result<T> {
-        let r = r.with_context(|| format!("cannot reach the control plane at {} ({what})", self.base))?;
-        let status = r.status();
-        let body = r.bytes()?;
-        if !status.is_success() {
-            if let Ok(e) = serde_json::from_slice::<ApiError>(&body) {
-                match e.hint {
-                    Some(h) => bail!("{} ({}): {}\nhint: {h}", status.as_u16(), e.code, e.message),
-                    None => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
-                }
-            }
-            bail!("{what}: HTTP {status}: {}", String::from_utf8_lossy(&body));
-        }
+        let body = self.body(what, r)?;
         serde_json::from_slice(&body).with_context(|| format!("{what}: unexpected response"))
     }
 
@@ -69,32 +75,12 @@ impl Client {
 
     /// DELETE; success has no body.
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let r = self.http.delete(format!("{}{path}", self.base)).send();
-        let r = r.with_context(|| format!("cannot reach the control plane at {} ({path})", self.base))?;
-        if r.status().is_success() {
-            return Ok(());
-        }
-        let status = r.status();
-        let body = r.bytes()?;
-        match serde_json::from_slice::<ApiError>(&body) {
-            Ok(e) => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
-            Err(_) => bail!("{path}: HTTP {status}"),
-        }
+        self.body(path, self.http.delete(format!("{}{path}", self.base)).send()).map(drop)
     }
 
     /// GET raw bytes (files).
     pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let r = self.http.get(format!("{}{path}", self.base)).send();
-        let r = r.with_context(|| format!("cannot reach the control plane at {} ({path})", self.base))?;
-        let status = r.status();
-        let body = r.bytes()?;
-        if !status.is_success() {
-            match serde_json::from_slice::<ApiError>(&body) {
-                Ok(e) => bail!("{} ({}): {}", status.as_u16(), e.code, e.message),
-                Err(_) => bail!("{path}: HTTP {status}"),
-            }
-        }
-        Ok(body.to_vec())
+        self.body(path, self.http.get(format!("{}{path}", self.base)).send())
     }
 
     /// POST a bundle streamed from `body` (`len` bytes), e.g. a file behind a progress bar.

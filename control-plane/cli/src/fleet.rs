@@ -1,9 +1,10 @@
 //! `flotilla devices ...` and `flotilla rollout ...`.
 
+use anyhow::Context;
 use clap::Subcommand;
 use flotilla_api::v1::{
-    Device, DriftAlert, DriftRow, Rollout, RolloutCreate, RolloutCreated, SampleRecord, SampleUploadDevice,
-    SamplesPull, SamplesPulled, TagsUpdate,
+    CredentialUpdate, Device, DeviceCredential, DriftAlert, DriftRow, Rollout, RolloutCreate, RolloutCreated,
+    SampleRecord, SampleUploadDevice, SamplesPull, SamplesPulled, TagsUpdate,
 };
 
 use flotilla_rollout::{Gate, OnFailure, Plan, Wave};
@@ -100,6 +101,23 @@ pub enum DevicesCmd {
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         tags: Vec<String>,
     },
+    /// Enroll devices' broker passwords with the control plane: the enroll.csv that
+    /// `flotilla-image personalise` wrote (device_id,password_sha256; the hashes only, the
+    /// passwords stay in the devices' images), or one device with --password-sha256.
+    /// A server started with --require-device-password admits only enrolled devices.
+    Enroll {
+        /// One device's id (with --password-sha256).
+        #[arg(required_unless_present = "file", conflicts_with = "file", requires = "password_sha256")]
+        id: Option<String>,
+        /// SHA-256 (hex) of that device's password.
+        #[arg(long, value_name = "HEX")]
+        password_sha256: Option<String>,
+        /// CSV with a header naming the columns device_id and password_sha256.
+        #[arg(long, value_name = "CSV")]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Forget a device's broker password (it can no longer join a server that requires one).
+    Unenroll { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +238,38 @@ pub enum RolloutCmd {
 pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
     let client = Client::new(server)?;
     match cmd {
+        DevicesCmd::Enroll { id, password_sha256, file } => {
+            let pairs = match (id, password_sha256, file) {
+                (Some(id), Some(hash), None) => vec![(id, hash)],
+                (None, None, Some(path)) => read_enroll_csv(&path)?,
+                _ => anyhow::bail!("give a device id with --password-sha256, or --file enroll.csv"),
+            };
+            let mut done = Vec::new();
+            for (id, hash) in pairs {
+                let c: DeviceCredential = client
+                    .put(
+                        &format!("/api/v1/devices/{}/credential", enc(&id)),
+                        &CredentialUpdate { password_sha256: hash },
+                    )
+                    .with_context(|| format!("enrolling {id}"))?;
+                if !c.enforced && done.is_empty() {
+                    eprintln!("note: the server uses an external broker, which checks passwords itself");
+                }
+                done.push(c);
+            }
+            match out {
+                Output::Json | Output::Yaml => output::json(&done),
+                Output::Table => {
+                    eprintln!("enrolled {} device(s)", done.len());
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::Unenroll { id } => {
+            client.delete(&format!("/api/v1/devices/{}/credential", enc(&id)))?;
+            eprintln!("{id}: credential forgotten");
+            Ok(())
+        }
         DevicesCmd::Tag { id, tags } => {
             let mut u = TagsUpdate::default();
             for t in &tags {
@@ -273,6 +323,29 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
             }
         }
     }
+}
+
+/// (device_id, password_sha256) rows of an enroll.csv (a header names the columns).
+fn read_enroll_csv(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
+    let (_, header) = lines.next().with_context(|| format!("{} is empty", path.display()))?;
+    let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+    let col = |name: &str| {
+        cols.iter().position(|c| *c == name).with_context(|| {
+            format!("{}: the header has no {name} column (want device_id,password_sha256)", path.display())
+        })
+    };
+    let (i_id, i_hash) = (col("device_id")?, col("password_sha256")?);
+    lines
+        .map(|(n, l)| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            match (f.get(i_id), f.get(i_hash)) {
+                (Some(id), Some(h)) if !id.is_empty() && !h.is_empty() => Ok((id.to_string(), h.to_string())),
+                _ => anyhow::bail!("{}:{}: expected {} fields", path.display(), n + 1, cols.len()),
+            }
+        })
+        .collect()
 }
 
 fn tags_text(t: &std::collections::BTreeMap<String, String>) -> String {

@@ -407,6 +407,24 @@ async fn drift_tags_feedback_and_samples_through_the_cli() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_selector"), "{bad:?}");
     assert!(!flotilla(&["devices", "tag", "dev-0", "no spaces=x"], Some(&server)).status.success());
 
+    // Enrolling devices' password hashes from an enroll.csv (as flotilla-image writes it).
+    let hash = |c: char| c.to_string().repeat(64);
+    std::fs::write(
+        d.join("enroll.csv"),
+        format!("device_id,password_sha256\npi-1,{}\npi-2,{}\n", hash('a'), hash('b')),
+    )
+    .unwrap();
+    let enrolled = json(&["devices", "enroll", "--file", s(&d.join("enroll.csv")), "-o", "json"]);
+    assert_eq!(enrolled.as_array().unwrap().len(), 2, "{enrolled}");
+    assert_eq!((enrolled[1]["device_id"].as_str(), enrolled[1]["enforced"].as_bool()), (Some("pi-2"), Some(true)));
+    ok(&["devices", "enroll", "pi-3", "--password-sha256", &hash('c')], Some(&server));
+    ok(&["devices", "unenroll", "pi-3"], Some(&server));
+    let again = flotilla(&["devices", "unenroll", "pi-3"], Some(&server));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("credential_not_found"), "{again:?}");
+    std::fs::write(d.join("bad.csv"), "id,hash\npi-1,x\n").unwrap();
+    let bad = flotilla(&["devices", "enroll", "--file", s(&d.join("bad.csv"))], Some(&server));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no device_id column"), "{bad:?}");
+
     // A bundle with a drift baseline, a reservoir big enough to keep every request.
     std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
     std::fs::write(d.join("baseline.npy"), digits::BASELINE_NPY).unwrap();

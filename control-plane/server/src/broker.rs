@@ -54,6 +54,10 @@ impl BrokerAuth {
         self.device_passwords.write().expect("auth lock").insert(device.into(), password_sha256);
     }
 
+    pub fn remove_device_password(&self, device: &str) {
+        self.device_passwords.write().expect("auth lock").remove(device);
+    }
+
     fn authenticate(&self, client_id: &str, username: &str, password: &[u8]) -> Option<bool> {
         if username == self.server_username {
             return constant_time_eq(password, self.server_password.as_bytes()).then_some(true);

@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_api::v1::{
-    ApiError, Bundle, Device, DeviceModel, DriftAlert, DriftRow, Event, RetrainJob, RetrainPolicy, RetrainStart,
-    Rollout, RolloutCreate, RolloutCreated, RolloutDevice, SampleRecord, SampleUploadDevice, SamplesPull,
-    SamplesPulled, TagsUpdate, Token, TokenCreate, TrustRootPushed,
+    ApiError, Bundle, CredentialUpdate, Device, DeviceCredential, DeviceModel, DriftAlert, DriftRow, Event, RetrainJob,
+    RetrainPolicy, RetrainStart, Rollout, RolloutCreate, RolloutCreated, RolloutDevice, SampleRecord,
+    SampleUploadDevice, SamplesPull, SamplesPulled, TagsUpdate, Token, TokenCreate, TrustRootPushed,
 };
 use flotilla_bundle::TrustedRoot;
 use flotilla_proto::tags::{Selector, valid_tag_part};
@@ -36,6 +36,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/tags", axum::routing::post(tag_device))
+        .route("/api/v1/devices/{id}/credential", axum::routing::put(enroll_device).delete(unenroll_device))
         .route("/api/v1/drift", get(drift_rows))
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/samples", get(list_samples))
@@ -69,7 +70,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Flotilla control plane API", description = "Devices, bundles, staged rollouts, drift and retraining. Every call but /api/v1/health needs `Authorization: Bearer TOKEN`."),
-    paths(health, whoami, list_devices, get_device, tag_device, drift_rows, list_alerts, list_samples, pull_samples, sample_upload, list_bundles, push_bundle, download_bundle, create_rollout, list_rollouts, get_rollout, command_rollout, list_events, get_root, push_root, list_policies, get_policy, put_policy, delete_policy, list_jobs, get_job, start_job, approve_job, cancel_job, upload_candidate, job_file, list_tokens, create_token, revoke_token, openapi_json),
+    paths(health, whoami, list_devices, get_device, tag_device, enroll_device, unenroll_device, drift_rows, list_alerts, list_samples, pull_samples, sample_upload, list_bundles, push_bundle, download_bundle, create_rollout, list_rollouts, get_rollout, command_rollout, list_events, get_root, push_root, list_policies, get_policy, put_policy, delete_policy, list_jobs, get_job, start_job, approve_job, cancel_job, upload_candidate, job_file, list_tokens, create_token, revoke_token, openapi_json),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -277,6 +278,72 @@ async fn tag_device(
         ));
     }
     get_device(State(s), Path(id)).await
+}
+
+#[utoipa::path(
+    put,
+    path = "/api/v1/devices/{id}/credential",
+    tag = "devices",
+    summary = "Enroll a device's broker password (its SHA-256, from flotilla-image personalise)",
+    params(("id" = String, Path, description = "device id; it need not have connected yet")),
+    request_body = CredentialUpdate,
+    responses((status = 200, description = "ok", body = DeviceCredential), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
+async fn enroll_device(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: std::result::Result<Json<CredentialUpdate>, JsonRejection>,
+) -> Result<Json<DeviceCredential>> {
+    let hint =
+        "send {\"password_sha256\": \"<64 hex digits>\"}, as in the enroll.csv flotilla-image personalise writes";
+    let Json(u) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), Some(hint)))?;
+    if !flotilla_proto::valid_device_id(&id) {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_device_id",
+            format!("{id:?} is not a valid device id"),
+            Some("1-64 letters, digits, `.`, `_` or `-`"),
+        ));
+    }
+    let hash = u.password_sha256.to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_credential",
+            "password_sha256 must be 64 hex digits (the SHA-256 of the password, not the password)",
+            Some(hint),
+        ));
+    }
+    let now = now_s();
+    s.store.set_device_credential(&id, &hash, now)?;
+    if let Some(auth) = &s.broker_auth {
+        auth.set_device_password(&id, hash);
+    }
+    tracing::info!(device = %id, "device credential enrolled");
+    Ok(Json(DeviceCredential { device_id: id, created: rfc3339(now), enforced: s.broker_auth.is_some() }))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{id}/credential",
+    tag = "devices",
+    summary = "Forget a device's broker password",
+    params(("id" = String, Path, description = "device id")),
+    responses((status = 204, description = "forgotten"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+)]
+async fn unenroll_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<StatusCode> {
+    if !s.store.delete_device_credential(&id)? {
+        return Err(Error::new(
+            StatusCode::NOT_FOUND,
+            "credential_not_found",
+            format!("device {id:?} has no enrolled credential"),
+            None,
+        ));
+    }
+    if let Some(auth) = &s.broker_auth {
+        auth.remove_device_password(&id);
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// root lists among its `targets` signers). Without it, retrained bundles wait for a key
     /// holder's `flotilla retrain approve --key`.
     pub retrain_key: Option<PathBuf>,
+    /// The embedded broker admits only devices enrolled with a password
+    /// (`PUT /api/v1/devices/{id}/credential`); without it, unknown devices may join (open
+    /// enrollment) and enrolled ones must give their password.
+    pub require_device_password: bool,
 }
 
 impl ServerConfig {
@@ -78,6 +82,7 @@ impl ServerConfig {
             drift_cohort_key: "group".into(),
             drift_period_secs: 60,
             retrain_key: None,
+            require_device_password: false,
         }
     }
 }
@@ -106,6 +111,19 @@ pub struct Shared {
     /// Keys the capabilities in offer and webhook URLs ([`auth::capability`]).
     pub capability_key: String,
     pub metrics: metrics::Counters,
+    /// The embedded broker's device passwords (None with an external broker).
+    pub broker_auth: Option<Arc<BrokerAuth>>,
+}
+
+/// A public URL whose port is 0 (`http://10.0.2.2:0`, as devices behind a NAT see the host)
+/// takes the port the HTTP listener was given, like `--http 127.0.0.1:0` itself.
+fn with_bound_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.strip_suffix(":0") {
+        Some(host) if !scheme.is_empty() => format!("{scheme}://{host}:{port}{path}"),
+        _ => url.to_string(),
+    }
 }
 
 pub struct Server {
@@ -138,9 +156,16 @@ impl Server {
                 tracing::warn!(key = %k.key_id().0, "the retrain key is not among the trust root's targets signers: retrained bundles will wait for approval");
             }
         }
+        let mut broker_auth = None;
         let (broker, login) = match &cfg.external_broker {
             None => {
-                let auth = Arc::new(BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id()));
+                let mut auth = BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id());
+                auth.require_device_password = cfg.require_device_password;
+                for (device, hash, _) in store.device_credentials()? {
+                    auth.set_device_password(&device, hash);
+                }
+                let auth = Arc::new(auth);
+                broker_auth = Some(auth.clone());
                 let b = EmbeddedBroker::start(cfg.mqtt, auth.clone()).await?;
                 let login = BrokerLogin {
                     host: b.addr.ip().to_string(),
@@ -151,6 +176,11 @@ impl Server {
                 (Some(b), login)
             }
             Some(url) => {
+                if cfg.require_device_password {
+                    anyhow::bail!(
+                        "--require-device-password applies to the embedded broker; an external broker checks devices with its own password file"
+                    );
+                }
                 let rest = url.strip_prefix("mqtt://").unwrap_or(url);
                 let (host, port) =
                     rest.rsplit_once(':').with_context(|| format!("--broker {url:?}: expected mqtt://HOST:PORT"))?;
@@ -175,7 +205,8 @@ impl Server {
         let http_addr = listener.local_addr()?;
         let public_url = cfg
             .public_url
-            .clone()
+            .as_deref()
+            .map(|u| with_bound_port(u, http_addr.port()))
             .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("http://{http_addr}")))
             .map(|u| u.trim_end_matches('/').to_string());
         // One session per data directory (a second server on the same store would take it over).
@@ -200,6 +231,7 @@ impl Server {
             retrain: retrain::Retrain::new(&cfg.data_dir, retrain_key),
             capability_key,
             metrics: Default::default(),
+            broker_auth,
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -292,4 +324,17 @@ pub fn new_id() -> String {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     hex::encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn public_url_port_zero_takes_the_bound_port() {
+        use super::with_bound_port as w;
+        assert_eq!(w("http://10.0.2.2:0", 4711), "http://10.0.2.2:4711");
+        assert_eq!(w("http://10.0.2.2:0/fleet/", 4711), "http://10.0.2.2:4711/fleet/");
+        assert_eq!(w("https://fleet.example", 4711), "https://fleet.example");
+        assert_eq!(w("http://fleet.example:8080", 4711), "http://fleet.example:8080");
+        assert_eq!(w("http://[::1]:0", 9), "http://[::1]:9");
+    }
 }

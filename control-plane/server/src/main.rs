@@ -45,9 +45,14 @@ struct Args {
     #[arg(long)]
     trust_root: Option<PathBuf>,
     /// Base URL devices download bundles from over HTTP (default http://HTTP-ADDRESS unless it
-    /// is 0.0.0.0; without one, bundles travel in MQTT chunks only).
+    /// is 0.0.0.0; without one, bundles travel in MQTT chunks only). Port 0 takes the port
+    /// --http was given (http://10.0.2.2:0 for devices in qemu's user network).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// The embedded broker admits only devices enrolled with a password (`flotilla devices
+    /// enroll`, fed by `flotilla-image personalise`); without it, new devices may join.
+    #[arg(long)]
+    require_device_password: bool,
     /// Bytes per MQTT chunk and per HTTP Range request devices use for bundles (1024 to
     /// 524288): the most a cut connection or a crash makes a device fetch twice.
     #[arg(long, value_name = "BYTES", default_value_t = flotilla_proto::DEFAULT_CHUNK_SIZE)]
@@ -154,6 +159,7 @@ async fn main() {
     cfg.trust_root = a.trust_root;
     cfg.topic_prefix = a.topic_prefix;
     cfg.public_url = a.public_url;
+    cfg.require_device_password = a.require_device_password;
     cfg.chunk_size = a.chunk_size;
     cfg.drift_cohort_key = a.drift_cohort_key;
     cfg.drift_period_secs = a.drift_period;

@@ -132,6 +132,11 @@ CREATE TABLE IF NOT EXISTS tokens (
     created INTEGER NOT NULL,
     last_used INTEGER
 );
+CREATE TABLE IF NOT EXISTS device_credentials (
+    device_id TEXT PRIMARY KEY,
+    password_sha256 TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -555,6 +560,34 @@ impl Store {
 
     pub fn delete_token(&self, id: &str) -> anyhow::Result<bool> {
         Ok(self.with(|c| c.execute("DELETE FROM tokens WHERE id = ?1", [id]))? > 0)
+    }
+
+    // ---- device credentials ----
+
+    /// Enroll (or re-enroll) a device's broker password hash; returns the enrollment time.
+    pub fn set_device_credential(&self, device: &str, password_sha256: &str, now: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO device_credentials (device_id, password_sha256, created) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device_id) DO UPDATE SET password_sha256 = ?2, created = ?3",
+                params![device, password_sha256, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Forget a device's credential; false when it had none.
+    pub fn delete_device_credential(&self, device: &str) -> anyhow::Result<bool> {
+        self.with(|c| c.execute("DELETE FROM device_credentials WHERE device_id = ?1", [device]).map(|n| n > 0))
+    }
+
+    /// Every enrolled device: (id, password SHA-256 hex, created).
+    pub fn device_credentials(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT device_id, password_sha256, created FROM device_credentials")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
     }
 
     pub fn setting(&self, key: &str) -> anyhow::Result<Option<String>> {

@@ -32,6 +32,8 @@ pub struct FleetOptions {
     /// Signatures the trust root's `targets` role needs, of the operator's key and the server's
     /// automation key (retraining). 1: either alone; 2: a retrained bundle also needs a person.
     pub targets_threshold: u32,
+    /// The embedded broker admits only devices enrolled with a password.
+    pub require_device_password: bool,
 }
 
 impl Default for FleetOptions {
@@ -42,6 +44,7 @@ impl Default for FleetOptions {
             public_url: None,
             chunk_size: None,
             targets_threshold: 1,
+            require_device_password: false,
         }
     }
 }
@@ -108,6 +111,7 @@ impl Fleet {
         cfg.trust_root = opts.server_checks_signatures.then(|| root_path.clone());
         cfg.public_url = opts.public_url;
         cfg.retrain_key = Some(automation_path);
+        cfg.require_device_password = opts.require_device_password;
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }

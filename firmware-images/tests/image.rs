@@ -1,0 +1,226 @@
+//! `flotilla-image` against the real tools (sfdisk, mke2fs, debugfs, readelf) on real files.
+//!
+//! The image here is built for this machine's architecture, with the host's `/bin/ls` as the
+//! "agent" (a dynamically linked program with a few libraries to find) and Debian's statically
+//! linked `ldconfig` standing in for busybox: what is under test is the image's layout, the
+//! library closure and per-device personalisation. The real aarch64 agent booting in qemu is
+//! `firmware-images/boot-test`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+use sha2::{Digest, Sha256};
+
+fn tool() -> Command {
+    Command::cargo_bin("flotilla-image").expect("flotilla-image is built")
+}
+
+/// Run it; returns (stdout, stderr), asserting success.
+fn ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("runs");
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{cmd:?} failed:\n{o}\n{e}");
+    (o, e)
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// debugfs on the image's root partition (which the tool says starts at 1 MiB).
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(format!("{}?offset={}", image.display(), 1 << 20))
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn inspect(image: &Path) -> serde_json::Value {
+    let (o, _) = ok(tool().arg("inspect").arg(image).arg("--json"));
+    serde_json::from_str(&o).unwrap()
+}
+
+struct Built {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+}
+
+fn build() -> Built {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.cbor");
+    std::fs::write(&root, b"a trust root's bytes, copied as they are").unwrap();
+    let image = dir.path().join("base.img");
+    ok(tool()
+        .args(["build", "--agent", "/bin/ls", "--busybox", "/sbin/ldconfig", "--trust-root"])
+        .arg(&root)
+        .args(["--broker", "mqtt://fleet.example:1883", "--tag", "site=north", "--size", "200M", "--out"])
+        .arg(&image));
+    Built { dir, image }
+}
+
+#[test]
+fn build_lays_out_a_bootable_root() {
+    let b = build();
+    // A DOS table with one bootable Linux partition at 1 MiB.
+    let table = Command::new("sfdisk").arg("-J").arg(&b.image).output().unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
+    let p = &table["partitiontable"]["partitions"][0];
+    assert_eq!(
+        (p["start"].as_u64(), p["type"].as_str(), p["bootable"].as_bool()),
+        (Some(2048), Some("83"), Some(true))
+    );
+    // Sparse: 200 MiB apparent, a few MiB on disk.
+    let meta = std::fs::metadata(&b.image).unwrap();
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(on_disk * 4 < meta.len(), "{on_disk} of {} bytes allocated", meta.len());
+
+    let v = inspect(&b.image);
+    let record = &v["record"];
+    assert_eq!(record["arch"], std::env::consts::ARCH);
+    assert_eq!(record["init"], "busybox /sbin/init");
+    let libs: Vec<&str> = record["libraries"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert!(libs.contains(&"libc.so.6"), "{libs:?}");
+    // What is in the image is what the record says: the agent's bytes, each library, the root.
+    let dumped = b.dir.path().join("agent.out");
+    debugfs(&b.image, &format!("dump /usr/bin/flotilla-agent {}", dumped.display()));
+    assert_eq!(hex::encode(Sha256::digest(std::fs::read(&dumped).unwrap())), record["agent_sha256"].as_str().unwrap());
+    for lib in &libs {
+        let triple = format!("{}-linux-gnu", std::env::consts::ARCH);
+        assert!(debugfs(&b.image, &format!("stat /lib/{triple}/{lib}")).contains("Type: regular"), "{lib} missing");
+    }
+    assert!(debugfs(&b.image, "cat /etc/flotilla/root.cbor").contains("a trust root's bytes"));
+    let config = v["config"].as_str().unwrap();
+    for want in
+        ["broker = \"mqtt://fleet.example:1883\"", "identity = \"/etc/flotilla/identity.toml\"", "site = \"north\""]
+    {
+        assert!(config.contains(want), "{want} not in\n{config}");
+    }
+    assert!(v["identity"].is_null());
+    for f in
+        ["/sbin/init", "/bin/busybox", "/etc/systemd/system/flotilla-agent.service", "/usr/share/udhcpc/default.script"]
+    {
+        assert!(debugfs(&b.image, &format!("stat {f}")).contains("Mode:  0755") || f.ends_with(".service"), "{f}");
+    }
+    assert!(
+        debugfs(&b.image, "stat /etc/systemd/system/multi-user.target.wants/flotilla-agent.service")
+            .contains("Type: symlink")
+    );
+    assert!(debugfs(&b.image, "stat /var/lib/flotilla").contains("Mode:  0700"));
+    assert!(debugfs(&b.image, "stat /bin/sh").contains("Type: symlink"));
+}
+
+#[test]
+fn personalise_writes_a_secret_only_into_the_copy() {
+    let b = build();
+    let one = b.dir.path().join("out/rpi-7.img");
+    let (o, e) = ok(tool()
+        .arg("personalise")
+        .arg(&b.image)
+        .args(["--device-id", "rpi-7", "--tag", "group=lab", "--out"])
+        .arg(&one));
+    // The base is untouched; the copy has an identity, root's, mode 0600.
+    assert!(inspect(&b.image)["identity"].is_null());
+    let stat = debugfs(&one, "stat /etc/flotilla/identity.toml");
+    assert!(stat.contains("Mode:  0600") && stat.contains("User:     0"), "{stat}");
+    let identity: toml::Table = toml::from_str(
+        &debugfs(&one, "cat /etc/flotilla/identity.toml")
+            .lines()
+            .filter(|l| !l.starts_with("debugfs"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    assert_eq!(identity["device_id"].as_str(), Some("rpi-7"));
+    assert_eq!(identity["tags"]["group"].as_str(), Some("lab"));
+    let password = identity["password"].as_str().unwrap().to_string();
+    assert_eq!(password.len(), 64);
+    // Never printed; the enroll file holds its hash, as inspect computes it.
+    assert!(!o.contains(&password) && !e.contains(&password));
+    let hash = hex::encode(Sha256::digest(password.as_bytes()));
+    let enroll = std::fs::read_to_string(b.dir.path().join("out/enroll.csv")).unwrap();
+    assert_eq!(enroll, format!("device_id,password_sha256\nrpi-7,{hash}\n"));
+    assert!(!enroll.contains(&password));
+    assert_eq!(inspect(&one)["identity"]["password_sha256"], hash.as_str());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(b.dir.path().join("out/enroll.csv")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(e.contains("flotilla devices enroll --file"), "{e}");
+
+    // A personalised image is not a base; an existing output is not overwritten.
+    let again =
+        fails(tool().arg("personalise").arg(&one).args(["--device-id", "x", "--out"]).arg(b.dir.path().join("x.img")));
+    assert!(again.contains("already personalised"), "{again}");
+    let exists = fails(tool().arg("personalise").arg(&b.image).args(["--device-id", "rpi-7", "--out"]).arg(&one));
+    assert!(exists.contains("--force"), "{exists}");
+    let bad = fails(
+        tool()
+            .arg("personalise")
+            .arg(&b.image)
+            .args(["--device-id", "no spaces", "--out"])
+            .arg(b.dir.path().join("y.img")),
+    );
+    assert!(bad.contains("invalid"), "{bad}");
+}
+
+#[test]
+fn personalise_a_batch_from_csv() {
+    let b = build();
+    let csv = b.dir.path().join("devices.csv");
+    std::fs::write(&csv, "device_id,group,site\npi-1,lab,north\npi-2,field,\n# a comment\npi-3,field,south\n").unwrap();
+    let out = b.dir.path().join("batch");
+    let (_, e) = ok(tool().arg("personalise").arg(&b.image).arg("--csv").arg(&csv).arg("--out-dir").arg(&out));
+    assert!(e.contains("[3/3] pi-3"), "{e}");
+    let enroll = std::fs::read_to_string(out.join("enroll.csv")).unwrap();
+    let rows: Vec<&str> = enroll.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3);
+    let mut hashes = std::collections::BTreeSet::new();
+    for (row, (id, tags)) in rows.iter().zip([
+        ("pi-1", serde_json::json!({"group": "lab", "site": "north"})),
+        ("pi-2", serde_json::json!({"group": "field"})),
+        ("pi-3", serde_json::json!({"group": "field", "site": "south"})),
+    ]) {
+        let v = inspect(&out.join(format!("{id}.img")));
+        assert_eq!(v["identity"]["device_id"], id);
+        assert_eq!(v["identity"]["tags"], tags);
+        assert_eq!(*row, format!("{id},{}", v["identity"]["password_sha256"].as_str().unwrap()));
+        hashes.insert(v["identity"]["password_sha256"].as_str().unwrap().to_string());
+    }
+    assert_eq!(hashes.len(), 3, "every device has its own password");
+
+    // A CSV naming a device twice is refused before anything is written.
+    std::fs::write(&csv, "device_id\npi-9\npi-9\n").unwrap();
+    let dup = b.dir.path().join("dup");
+    let err = fails(tool().arg("personalise").arg(&b.image).arg("--csv").arg(&csv).arg("--out-dir").arg(&dup));
+    assert!(err.contains("twice"), "{err}");
+    assert!(!dup.exists());
+}
+
+#[test]
+fn build_refuses_what_would_not_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.cbor");
+    std::fs::write(&root, b"root").unwrap();
+    let base = |extra: &[&str]| {
+        let mut c = tool();
+        c.args(["build", "--trust-root"])
+            .arg(&root)
+            .args(["--broker", "mqtt://h:1", "--out"])
+            .arg(dir.path().join("x.img"));
+        c.args(extra);
+        c
+    };
+    assert!(fails(&mut base(&["--agent", "/bin/ls"])).contains("--busybox"));
+    assert!(fails(&mut base(&["--agent", "/bin/ls", "--busybox", "/bin/ls"])).contains("static"));
+    assert!(fails(&mut base(&["--agent", "/etc/hostname", "--busybox", "/sbin/ldconfig"])).contains("not an ELF"));
+    assert!(
+        fails(&mut base(&["--agent", "/bin/ls", "--busybox", "/sbin/ldconfig", "--size", "8M"])).contains("too small")
+    );
+    assert!(!dir.path().join("x.img").exists());
+}
