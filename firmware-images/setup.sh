@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs and fetches what building and boot-testing ARM images needs, from Debian only:
-#   - the host tools: sfdisk (fdisk), mke2fs/debugfs (e2fsprogs), cpio, kmod (modinfo), and
+#   - the host tools: sfdisk (fdisk), mke2fs/debugfs (e2fsprogs), mkfs.vfat and mcopy (dosfstools,
+#     mtools: boot partitions), cpio, kmod (modinfo), and
 #     qemu-system-arm from bookworm-backports (bookworm's 7.2 conflicts with the machine's
 #     qemu-utils 10 from backports; the backports suite is added to apt with the mirror the
 #     existing sources already use, never a name written here);
@@ -20,7 +21,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 have() { dpkg -s "$1" >/dev/null 2>&1; }
 need=()
-for p in fdisk e2fsprogs cpio kmod xz-utils; do have "$p" || need+=("$p"); done
+for p in fdisk e2fsprogs dosfstools mtools cpio kmod xz-utils; do have "$p" || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
     echo "firmware-images/setup.sh: installing ${need[*]}" >&2
     apt-get update -qq

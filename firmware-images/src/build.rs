@@ -107,6 +107,15 @@ pub struct BuildArgs {
     /// More agent settings (TOML, the agent's --config keys), merged over the generated ones.
     #[arg(long, value_name = "agent.toml")]
     config: Option<PathBuf>,
+    /// A boot partition first (FAT32, type c) holding the files of DIR: the board's boot
+    /// firmware, kernel, device trees and their config (for a Raspberry Pi, the files of its OS
+    /// image's boot partition, with cmdline.txt saying root=/dev/mmcblk0p2). The root becomes
+    /// partition 2.
+    #[arg(long, value_name = "DIR")]
+    boot_dir: Option<PathBuf>,
+    /// Size of the boot partition.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::parse_size)]
+    boot_size: u64,
     /// The hostname of the minimal root.
     #[arg(long, default_value = "flotilla")]
     hostname: String,
@@ -266,6 +275,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         "trust_root_sha256": hex::encode(Sha256::digest(&root)),
         "broker": a.broker,
         "init": if a.busybox.is_some() { "busybox /sbin/init" } else { "systemd" },
+        "boot_partition": a.boot_dir.is_some(),
         "libraries": libs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         "built_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
         "tool": concat!("flotilla-image ", env!("CARGO_PKG_VERSION")),
@@ -285,7 +295,15 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     }
     let fs = work.path().join("root.ext4");
     disk::make_ext4(&fs, &staging, a.size / 4096 * 4096, "flotilla-root")?;
-    disk::assemble(&a.out, &fs)?;
+    let boot = match &a.boot_dir {
+        Some(dir) => {
+            let fat = work.path().join("boot.vfat");
+            disk::make_fat(&fat, dir, a.boot_size)?;
+            Some(fat)
+        }
+        None => None,
+    };
+    disk::assemble(&a.out, boot.as_deref(), &fs)?;
     eprintln!(
         "built {} ({} MiB, {} arch): agent {:.1} MB, {} libraries, init: {}",
         a.out.display(),

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-/// Where the root partition starts: 1 MiB, the usual alignment (and room for a boot loader).
+/// Where the first partition starts: 1 MiB, the usual alignment (and room for a boot loader).
 pub const ROOT_OFFSET: u64 = 1 << 20;
 pub const SECTOR: u64 = 512;
 
@@ -42,18 +42,57 @@ pub fn make_ext4(fs: &Path, staging: &Path, bytes: u64, label: &str) -> anyhow::
     Ok(())
 }
 
-/// Assemble `disk`: a DOS partition table with one bootable Linux partition at [`ROOT_OFFSET`]
-/// holding the filesystem image `fs`. The disk file is sparse where the filesystem is empty.
-pub fn assemble(disk: &Path, fs: &Path) -> anyhow::Result<()> {
-    let fs_len = std::fs::metadata(fs)?.len();
+/// Make a FAT32 filesystem of `bytes` in the file `fat` holding the files under `dir` (a
+/// board's boot firmware, kernel and config), with mtools: no mounts.
+pub fn make_fat(fat: &Path, dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(fat);
+    run(
+        Command::new("mkfs.vfat").args(["-C", "-F", "32", "-n", "BOOT"]).arg(fat).arg((bytes / 1024).to_string()),
+        "making the FAT boot filesystem (Debian's dosfstools)",
+    )?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    if entries.is_empty() {
+        bail!("{} is empty: a boot partition needs the board's firmware and kernel", dir.display());
+    }
+    run(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-s", "-p", "-Q", "-i"])
+            .arg(fat)
+            .args(&entries)
+            .arg("::/"),
+        "copying the boot files (Debian's mtools)",
+    )?;
+    Ok(())
+}
+
+/// Assemble `disk`: a DOS partition table and the filesystem images, each partition starting on
+/// a MiB boundary from [`ROOT_OFFSET`]. With `boot` (a FAT image), it is partition 1 (type c,
+/// bootable), as boards' ROM loaders want, and the ext4 root `fs` is partition 2; otherwise
+/// the root is partition 1 and bootable. The disk file is sparse where the filesystems are empty.
+pub fn assemble(disk: &Path, boot: Option<&Path>, fs: &Path) -> anyhow::Result<()> {
+    let mut parts = Vec::new();
+    if let Some(b) = boot {
+        parts.push((b, "c"));
+    }
+    parts.push((fs, "83"));
+    let mut table = String::from("label: dos\nunit: sectors\n");
+    let mut at = ROOT_OFFSET;
+    let mut placed = Vec::new();
+    for (i, (file, kind)) in parts.iter().enumerate() {
+        let len = std::fs::metadata(file)?.len().div_ceil(1 << 20) << 20;
+        let bootable = if i == 0 { ", bootable" } else { "" };
+        table += &format!("start={}, size={}, type={kind}{bootable}\n", at / SECTOR, len / SECTOR);
+        placed.push((*file, at));
+        at += len;
+    }
     let out = File::create(disk).with_context(|| format!("creating {}", disk.display()))?;
-    out.set_len(ROOT_OFFSET + fs_len)?;
+    out.set_len(at)?;
     drop(out);
-    let table = format!(
-        "label: dos\nunit: sectors\nstart={}, size={}, type=83, bootable\n",
-        ROOT_OFFSET / SECTOR,
-        fs_len / SECTOR
-    );
     let mut child = Command::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .arg(disk)
@@ -67,7 +106,10 @@ pub fn assemble(disk: &Path, fs: &Path) -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("sfdisk failed writing the partition table: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    sparse_copy(fs, disk, ROOT_OFFSET)
+    for (file, offset) in placed {
+        sparse_copy(file, disk, offset)?;
+    }
+    Ok(())
 }
 
 /// Copy `src` into `dst` at `offset`, leaving holes where `src` has runs of zeros.

@@ -203,6 +203,67 @@ fn personalise_a_batch_from_csv() {
 }
 
 #[test]
+fn a_boot_partition_first_for_boards_that_boot_from_fat() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("root.cbor"), b"root").unwrap();
+    let boot = d.join("boot");
+    std::fs::create_dir_all(boot.join("overlays")).unwrap();
+    std::fs::write(boot.join("config.txt"), "arm_64bit=1\nkernel=kernel8.img\n").unwrap();
+    std::fs::write(boot.join("cmdline.txt"), "console=serial0,115200 root=/dev/mmcblk0p2 rootwait\n").unwrap();
+    std::fs::write(boot.join("overlays/disable-bt.dtbo"), [0xd0, 0x0d, 0xfe, 0xed]).unwrap();
+    let image = d.join("pi.img");
+    ok(tool()
+        .args([
+            "build",
+            "--agent",
+            "/bin/ls",
+            "--busybox",
+            "/sbin/ldconfig",
+            "--broker",
+            "mqtt://h:1",
+            "--size",
+            "200M",
+        ])
+        .arg("--trust-root")
+        .arg(d.join("root.cbor"))
+        .arg("--boot-dir")
+        .arg(&boot)
+        .args(["--boot-size", "64M", "--out"])
+        .arg(&image));
+    let table = Command::new("sfdisk").arg("-J").arg(&image).output().unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
+    let p = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!(
+        (p[0]["start"].as_u64(), p[0]["type"].as_str(), p[0]["bootable"].as_bool()),
+        (Some(2048), Some("c"), Some(true))
+    );
+    assert_eq!((p[1]["start"].as_u64(), p[1]["type"].as_str()), (Some(2048 + 64 * 2048), Some("83")));
+    // The boot files, read back with mtools from partition 1.
+    let mtype = |f: &str| {
+        let out = Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(format!("{}@@1M", image.display()))
+            .arg(f)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(mtype("::cmdline.txt"), b"console=serial0,115200 root=/dev/mmcblk0p2 rootwait\n");
+    assert_eq!(mtype("::overlays/disable-bt.dtbo"), [0xd0, 0x0d, 0xfe, 0xed]);
+    // Personalising finds the root in partition 2.
+    let one = d.join("pi-1.img");
+    ok(tool().arg("personalise").arg(&image).args(["--device-id", "pi-1", "--out"]).arg(&one));
+    let v = inspect(&one);
+    assert_eq!(v["root_offset"].as_u64(), Some((1 + 64) << 20));
+    assert_eq!(v["identity"]["device_id"], "pi-1");
+    assert_eq!(v["record"]["boot_partition"], true);
+}
+
+#[test]
 fn build_refuses_what_would_not_boot() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root.cbor");
