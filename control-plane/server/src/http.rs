@@ -246,14 +246,7 @@ async fn tag_device(
     Path(id): Path<String>,
     body: std::result::Result<Json<TagsUpdate>, JsonRejection>,
 ) -> Result<Json<Device>> {
-    let Json(u) = body.map_err(|e| {
-        Error::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            e.body_text(),
-            Some("send {\"set\": {\"key\": \"value\"}, \"remove\": [\"key\"]}"),
-        )
-    })?;
+    let u = json_body(body, Some("send {\"set\": {\"key\": \"value\"}, \"remove\": [\"key\"]}"))?;
     let mut changes = Vec::new();
     for (k, v) in u.set {
         if !valid_tag_part(&k, true) || !valid_tag_part(&v, false) {
@@ -280,6 +273,12 @@ async fn tag_device(
     get_device(State(s), Path(id)).await
 }
 
+/// A JSON request body, or a 400 `bad_request` saying what was wrong with it (and how to send
+/// it right).
+fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<&str>) -> Result<T> {
+    body.map(|Json(t)| t).map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), hint))
+}
+
 #[utoipa::path(
     put,
     path = "/api/v1/devices/{id}/credential",
@@ -296,7 +295,7 @@ async fn enroll_device(
 ) -> Result<Json<DeviceCredential>> {
     let hint =
         "send {\"password_sha256\": \"<64 hex digits>\"}, as in the enroll.csv flotilla-image personalise writes";
-    let Json(u) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), Some(hint)))?;
+    let u = json_body(body, Some(hint))?;
     if !flotilla_proto::valid_device_id(&id) {
         return Err(Error::new(
             StatusCode::BAD_REQUEST,
@@ -421,7 +420,7 @@ async fn pull_samples(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<SamplesPull>, JsonRejection>,
 ) -> Result<Json<SamplesPulled>> {
-    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let req = json_body(body, None)?;
     let (upload_id, devices) = request_samples(&s, &req.model, req.version, req.selector.as_deref()).await?;
     Ok(Json(SamplesPulled { upload_id, devices }))
 }
@@ -711,7 +710,7 @@ async fn create_rollout(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<RolloutCreate>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RolloutCreated>)> {
-    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let req = json_body(body, None)?;
     let (name, version) = parse_ref(&req.bundle).ok_or_else(|| {
         Error::new(
             StatusCode::BAD_REQUEST,
@@ -1170,7 +1169,7 @@ async fn start_job(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<RetrainStart>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RetrainJob>)> {
-    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let req = json_body(body, None)?;
     let p = crate::retrain::policy(&s, &req.model)?.ok_or_else(|| no_policy(&req.model))?;
     let sel_text = req.selector.clone().or_else(|| p.data.selector.clone()).unwrap_or_default();
     let sel = selector(Some(&sel_text))?;
@@ -1383,7 +1382,7 @@ async fn create_token(
     State(s): State<Arc<Shared>>,
     body: std::result::Result<Json<TokenCreate>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Token>)> {
-    let Json(req) = body.map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None))?;
+    let req = json_body(body, None)?;
     let role = crate::auth::Role::parse(&req.role).ok_or_else(|| {
         Error::new(
             StatusCode::BAD_REQUEST,
