@@ -183,14 +183,11 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     if let Some(interp) = elf::interpreter(&a.agent)? {
         let dst = put(&interp)?;
         if !exists_in(&staging, &interp) {
-            let src = a.libs_from.join(interp.trim_start_matches('/'));
-            let src = std::fs::canonicalize(&src)
-                .or_else(|_| {
-                    std::fs::canonicalize(
-                        a.libs_from.join(format!("usr/lib/{}", arch.triple())).join(file_name(&interp)),
-                    )
-                })
-                .with_context(|| format!("the program interpreter {interp} is not under {}", a.libs_from.display()))?;
+            let exact = std::fs::canonicalize(a.libs_from.join(interp.trim_start_matches('/')));
+            let src = match exact {
+                Ok(p) if elf::arch(&p).ok() == Some(arch) => p,
+                _ => elf::find_lib(file_name(&interp), arch, &a.libs_from)?,
+            };
             std::fs::copy(&src, &dst)?;
             set_mode(&dst, 0o755)?;
         }
@@ -202,7 +199,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             continue;
         }
         let dst = put(&rel)?;
-        std::fs::copy(std::fs::canonicalize(src)?, &dst)?;
+        std::fs::copy(src, &dst)?;
         set_mode(&dst, 0o755)?;
     }
 

@@ -228,8 +228,7 @@ impl<'a> Ext4<'a> {
             0o100000 | mode
         );
         std::fs::write(&cmds, script)?;
-        let out = run(Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&self.spec), "writing a file")?;
-        let _ = out;
+        run(Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&self.spec), "writing a file")?;
         // debugfs reports failed commands on stderr but exits 0: read the file back.
         match self.read(path)? {
             Some(back) if back == contents => Ok(()),

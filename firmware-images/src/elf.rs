@@ -88,10 +88,10 @@ pub fn needed(file: &Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Every library `file` needs, directly or through other libraries, as (name, path found under
-/// `root`). Fails naming what is missing and which package usually holds it.
-pub fn closure(file: &Path, arch: Arch, root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let dirs: Vec<PathBuf> = [
+/// Where a board's libraries may be under `root`: Debian's multiarch directories (libc6:arm64),
+/// the cross toolchain's (libc6-dev-armhf-cross), then the plain ones of a board's own sysroot.
+fn lib_dirs(arch: Arch, root: &Path) -> Vec<PathBuf> {
+    [
         format!("usr/lib/{}", arch.triple()),
         format!("lib/{}", arch.triple()),
         format!("usr/{}/lib", arch.triple()),
@@ -100,7 +100,33 @@ pub fn closure(file: &Path, arch: Arch, root: &Path) -> anyhow::Result<Vec<(Stri
     ]
     .iter()
     .map(|d| root.join(d))
-    .collect();
+    .collect()
+}
+
+/// A library (or the program interpreter) of `arch` by file name under `root`, resolved to the
+/// file itself; fails naming the package that usually holds it.
+pub fn find_lib(name: &str, arch: Arch, root: &Path) -> anyhow::Result<PathBuf> {
+    lib_dirs(arch, root)
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d.join(name)).ok())
+        .find(|p| arch_of_lib(p) == Some(arch))
+        .with_context(|| {
+            let deb = match arch {
+                Arch::Aarch64 => "arm64",
+                Arch::Armhf => "armhf",
+                Arch::X86_64 => "amd64",
+            };
+            format!(
+                "{name} ({}) not found under {}; on Debian: dpkg --add-architecture {deb} && apt-get install libc6:{deb} libgcc-s1:{deb}",
+                arch.name(),
+                root.display(),
+            )
+        })
+}
+
+/// Every library `file` needs, directly or through other libraries, as (name, file found under
+/// `root`).
+pub fn closure(file: &Path, arch: Arch, root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut seen = BTreeSet::new();
     let mut found = Vec::new();
     let mut todo = needed(file)?;
@@ -108,22 +134,7 @@ pub fn closure(file: &Path, arch: Arch, root: &Path) -> anyhow::Result<Vec<(Stri
         if !seen.insert(name.clone()) {
             continue;
         }
-        let path = dirs
-            .iter()
-            .map(|d| d.join(&name))
-            .find(|p| p.exists() && arch_of_lib(p) == Some(arch))
-            .with_context(|| {
-                format!(
-                    "{name} ({}) not found under {}; on Debian: dpkg --add-architecture {deb} && apt-get install libc6:{deb} libgcc-s1:{deb}",
-                    arch.name(),
-                    root.display(),
-                    deb = match arch {
-                        Arch::Aarch64 => "arm64",
-                        Arch::Armhf => "armhf",
-                        Arch::X86_64 => "amd64",
-                    }
-                )
-            })?;
+        let path = find_lib(&name, arch, root)?;
         todo.extend(needed(&path)?);
         found.push((name, path));
     }
@@ -131,5 +142,5 @@ pub fn closure(file: &Path, arch: Arch, root: &Path) -> anyhow::Result<Vec<(Stri
 }
 
 fn arch_of_lib(p: &Path) -> Option<Arch> {
-    arch(&std::fs::canonicalize(p).ok()?).ok()
+    arch(p).ok()
 }
