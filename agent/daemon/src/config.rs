@@ -56,13 +56,23 @@ impl FileConfig {
 
 /// What makes one device itself, kept apart from the shared config so that one image serves
 /// many devices: `flotilla-image personalise` writes it into each device's copy (mode 0600).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     pub device_id: Option<String>,
     pub password: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("device_id", &self.device_id)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("tags", &self.tags)
+            .finish()
+    }
 }
 
 impl Identity {
@@ -118,7 +128,7 @@ impl std::fmt::Display for BrokerUrl {
 }
 
 /// Everything the agent needs to run, resolved.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub device_id: String,
@@ -162,6 +172,25 @@ impl Clock {
 
     pub fn now(&self) -> u64 {
         (self.0)()
+    }
+}
+
+/// Everything but the password, which is never printed.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("data_dir", &self.data_dir)
+            .field("device_id", &self.device_id)
+            .field("broker", &self.broker)
+            .field("trust_root", &self.trust_root)
+            .field("api", &self.api)
+            .field("api_socket", &self.api_socket)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("topic_prefix", &self.topic_prefix)
+            .field("tags", &self.tags)
+            .field("tflite_lib", &self.tflite_lib)
+            .field("delegates", &self.delegates)
+            .finish_non_exhaustive()
     }
 }
 
@@ -236,5 +265,9 @@ mod tests {
         std::fs::write(&p, "password = \"s3cret\"\npasword = \"s3cret\"\n").unwrap();
         let err = Identity::load(&p).unwrap_err().to_string();
         assert!(err.contains("pasword") && !err.contains("s3cret"), "{err}");
+        let mut cfg = AgentConfig::new(dir.path().into(), "rpi-7", "h:1".parse().unwrap(), p.clone());
+        cfg.password = Some("s3cret".into());
+        let shown = format!("{cfg:?}");
+        assert!(shown.contains("rpi-7") && shown.contains("<set>") && !shown.contains("s3cret"), "{shown}");
     }
 }
