@@ -75,6 +75,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
 )]
 pub struct ApiDoc;
 
+/// The errors any API route may answer with, each a JSON [`ApiError`]; listed once here and
+/// named in every route's `responses(...)`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description for the OpenAPI document, never constructed
+enum ApiErrors {
+    #[response(status = 400, description = "error")]
+    BadRequest(ApiError),
+    #[response(status = 401, description = "error")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "error")]
+    Forbidden(ApiError),
+    #[response(status = 404, description = "error")]
+    NotFound(ApiError),
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -223,7 +238,7 @@ fn selector(s: Option<&str>) -> Result<Selector> {
     tag = "devices",
     summary = "List devices",
     params(DevicesQuery),
-    responses((status = 200, description = "ok", body = Vec<Device>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<Device>), ApiErrors)
 )]
 async fn list_devices(State(s): State<Arc<Shared>>, Query(q): Query<DevicesQuery>) -> Result<Json<Vec<Device>>> {
     let sel = selector(q.selector.as_deref())?;
@@ -239,7 +254,7 @@ async fn list_devices(State(s): State<Arc<Shared>>, Query(q): Query<DevicesQuery
     summary = "Set or remove server-side tags",
     params(("id" = String, Path, description = "device id")),
     request_body = TagsUpdate,
-    responses((status = 200, description = "ok", body = Device), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Device), ApiErrors)
 )]
 async fn tag_device(
     State(s): State<Arc<Shared>>,
@@ -286,7 +301,7 @@ fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<
     summary = "Enroll a device's broker password (its SHA-256, from flotilla-image personalise)",
     params(("id" = String, Path, description = "device id; it need not have connected yet")),
     request_body = CredentialUpdate,
-    responses((status = 200, description = "ok", body = DeviceCredential), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = DeviceCredential), ApiErrors)
 )]
 async fn enroll_device(
     State(s): State<Arc<Shared>>,
@@ -328,7 +343,7 @@ async fn enroll_device(
     tag = "devices",
     summary = "Forget a device's broker password",
     params(("id" = String, Path, description = "device id")),
-    responses((status = 204, description = "forgotten"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 204, description = "forgotten"), ApiErrors)
 )]
 async fn unenroll_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<StatusCode> {
     if !s.store.delete_device_credential(&id)? {
@@ -366,7 +381,7 @@ struct DriftQuery {
     tag = "drift",
     summary = "Drift per cohort, signal and window",
     params(DriftQuery),
-    responses((status = 200, description = "ok", body = Vec<DriftRow>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<DriftRow>), ApiErrors)
 )]
 async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -> Result<Json<Vec<DriftRow>>> {
     let Some(model) = q.model else {
@@ -414,7 +429,7 @@ async fn drift_rows(State(s): State<Arc<Shared>>, Query(q): Query<DriftQuery>) -
     tag = "drift",
     summary = "Ask devices for their reservoir samples",
     request_body = SamplesPull,
-    responses((status = 200, description = "ok", body = SamplesPulled), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = SamplesPulled), ApiErrors)
 )]
 async fn pull_samples(
     State(s): State<Arc<Shared>>,
@@ -475,7 +490,7 @@ pub async fn request_samples(
     tag = "drift",
     summary = "Progress of a sample upload",
     params(("id" = String, Path, description = "upload id")),
-    responses((status = 200, description = "ok", body = Vec<SampleUploadDevice>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<SampleUploadDevice>), ApiErrors)
 )]
 async fn sample_upload(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Vec<SampleUploadDevice>>> {
     let rows = s.store.sample_upload(&id)?;
@@ -503,7 +518,7 @@ struct SamplesQuery {
     tag = "drift",
     summary = "Stored reservoir samples as v2 requests",
     params(SamplesQuery),
-    responses((status = 200, description = "ok", body = Vec<SampleRecord>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<SampleRecord>), ApiErrors)
 )]
 async fn list_samples(State(s): State<Arc<Shared>>, Query(q): Query<SamplesQuery>) -> Result<Json<Vec<SampleRecord>>> {
     let sel = selector(q.selector.as_deref())?;
@@ -533,7 +548,7 @@ struct AlertsQuery {
     tag = "drift",
     summary = "Drift alerts",
     params(AlertsQuery),
-    responses((status = 200, description = "ok", body = Vec<DriftAlert>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<DriftAlert>), ApiErrors)
 )]
 async fn list_alerts(State(s): State<Arc<Shared>>, Query(q): Query<AlertsQuery>) -> Result<Json<Vec<DriftAlert>>> {
     Ok(Json(s.store.alerts(q.all)?.into_iter().map(crate::drift::alert).collect()))
@@ -545,7 +560,7 @@ async fn list_alerts(State(s): State<Arc<Shared>>, Query(q): Query<AlertsQuery>)
     tag = "devices",
     summary = "One device",
     params(("id" = String, Path, description = "device id")),
-    responses((status = 200, description = "ok", body = Device), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Device), ApiErrors)
 )]
 async fn get_device(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Device>> {
     s.store.device(&id)?.map(|d| Json(device(d))).ok_or_else(|| {
@@ -576,7 +591,7 @@ fn bundle(b: BundleRow) -> Bundle {
     path = "/api/v1/bundles",
     tag = "bundles",
     summary = "List pushed bundles",
-    responses((status = 200, description = "ok", body = Vec<Bundle>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<Bundle>), ApiErrors)
 )]
 async fn list_bundles(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Bundle>>> {
     Ok(Json(s.store.bundles()?.into_iter().map(bundle).collect()))
@@ -618,7 +633,7 @@ async fn push_bundle(State(s): State<Arc<Shared>>, body: Bytes) -> Result<(Statu
     tag = "bundles",
     summary = "Download a bundle file (Range supported; devices use the capability in their offer)",
     params(("id" = String, Path, description = "bundle id (sha256 of the file)")),
-    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/vnd.flotilla.bundle"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/vnd.flotilla.bundle"), ApiErrors)
 )]
 async fn download_bundle(State(s): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -917,7 +932,7 @@ async fn command_rollout(
     path = "/api/v1/rollouts",
     tag = "rollouts",
     summary = "List rollouts",
-    responses((status = 200, description = "ok", body = Vec<Rollout>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<Rollout>), ApiErrors)
 )]
 async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>>> {
     let mut out = Vec::new();
@@ -933,7 +948,7 @@ async fn list_rollouts(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Rollout>
     tag = "rollouts",
     summary = "One rollout with its waves and gates",
     params(("id" = String, Path, description = "rollout id")),
-    responses((status = 200, description = "ok", body = Rollout), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Rollout), ApiErrors)
 )]
 async fn get_rollout(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Rollout>> {
     rollout_view(&s, &id)?
@@ -954,7 +969,7 @@ struct EventQuery {
     tag = "devices",
     summary = "Device events, newest first",
     params(EventQuery),
-    responses((status = 200, description = "ok", body = Vec<Event>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<Event>), ApiErrors)
 )]
 async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) -> Result<Json<Vec<Event>>> {
     let rows = s.store.events(q.device.as_deref(), q.limit.unwrap_or(100).min(10_000))?;
@@ -975,7 +990,7 @@ async fn list_events(State(s): State<Arc<Shared>>, Query(q): Query<EventQuery>) 
     path = "/api/v1/trust/root",
     tag = "trust",
     summary = "The current trust root (CBOR)",
-    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/cbor"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/cbor"), ApiErrors)
 )]
 async fn get_root(State(s): State<Arc<Shared>>) -> Result<Response> {
     let t = s.trust.read().expect("trust lock").clone();
@@ -1073,7 +1088,7 @@ fn no_job(id: &str) -> Error {
     path = "/api/v1/retrain/policies",
     tag = "retrain",
     summary = "Retraining policies",
-    responses((status = 200, description = "ok", body = Vec<RetrainPolicy>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<RetrainPolicy>), ApiErrors)
 )]
 async fn list_policies(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainPolicy>>> {
     Ok(Json(crate::retrain::policies(&s)?))
@@ -1085,7 +1100,7 @@ async fn list_policies(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainP
     tag = "retrain",
     summary = "A model's retraining policy",
     params(("model" = String, Path, description = "model name")),
-    responses((status = 200, description = "ok", body = RetrainPolicy), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = RetrainPolicy), ApiErrors)
 )]
 async fn get_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<Json<RetrainPolicy>> {
     crate::retrain::policy(&s, &model)?.map(Json).ok_or_else(|| no_policy(&model))
@@ -1098,7 +1113,7 @@ async fn get_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> 
     summary = "Create or replace a retraining policy",
     params(("model" = String, Path, description = "model name")),
     request_body = RetrainPolicy,
-    responses((status = 200, description = "ok", body = RetrainPolicy), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = RetrainPolicy), ApiErrors)
 )]
 async fn put_policy(
     State(s): State<Arc<Shared>>,
@@ -1128,7 +1143,7 @@ async fn put_policy(
     tag = "retrain",
     summary = "Remove a retraining policy",
     params(("model" = String, Path, description = "model name")),
-    responses((status = 204, description = "ok"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 204, description = "ok"), ApiErrors)
 )]
 async fn delete_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) -> Result<StatusCode> {
     if s.store.delete_retrain_policy(&model)? { Ok(StatusCode::NO_CONTENT) } else { Err(no_policy(&model)) }
@@ -1139,7 +1154,7 @@ async fn delete_policy(State(s): State<Arc<Shared>>, Path(model): Path<String>) 
     path = "/api/v1/retrain/jobs",
     tag = "retrain",
     summary = "Retraining jobs, newest first",
-    responses((status = 200, description = "ok", body = Vec<RetrainJob>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<RetrainJob>), ApiErrors)
 )]
 async fn list_jobs(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainJob>>> {
     Ok(Json(crate::retrain::jobs(&s)?.into_iter().map(|d| d.job).collect()))
@@ -1151,7 +1166,7 @@ async fn list_jobs(State(s): State<Arc<Shared>>) -> Result<Json<Vec<RetrainJob>>
     tag = "retrain",
     summary = "One retraining job",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "ok", body = RetrainJob), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = RetrainJob), ApiErrors)
 )]
 async fn get_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<RetrainJob>> {
     crate::retrain::job(&s, &id)?.map(|d| Json(d.job)).ok_or_else(|| no_job(&id))
@@ -1286,7 +1301,7 @@ const JOB_FILES: [(&str, &str); 8] = [
     tag = "retrain",
     summary = "A job's file: base-model, candidate-model, samples.json, heldout.json, reference.json, candidate.flb, trainer.log, evaluator.log",
     params(("id" = String, Path, description = "job id"), ("name" = String, Path, description = "file name")),
-    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/octet-stream"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<u8>, content_type = "application/octet-stream"), ApiErrors)
 )]
 async fn job_file(State(s): State<Arc<Shared>>, Path((id, name)): Path<(String, String)>) -> Result<Response> {
     crate::retrain::job(&s, &id)?.ok_or_else(|| no_job(&id))?;
@@ -1364,7 +1379,7 @@ fn token_view(t: crate::store::TokenRow) -> Token {
     path = "/api/v1/tokens",
     tag = "tokens",
     summary = "API tokens (admin; never the secrets)",
-    responses((status = 200, description = "ok", body = Vec<Token>), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 200, description = "ok", body = Vec<Token>), ApiErrors)
 )]
 async fn list_tokens(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Token>>> {
     Ok(Json(s.store.tokens()?.into_iter().map(token_view).collect()))
@@ -1376,7 +1391,7 @@ async fn list_tokens(State(s): State<Arc<Shared>>) -> Result<Json<Vec<Token>>> {
     tag = "tokens",
     summary = "Make a token (admin); the secret is in this answer only",
     request_body = TokenCreate,
-    responses((status = 201, description = "ok", body = Token), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 201, description = "ok", body = Token), ApiErrors)
 )]
 async fn create_token(
     State(s): State<Arc<Shared>>,
@@ -1412,7 +1427,7 @@ async fn create_token(
     tag = "tokens",
     summary = "Revoke a token (admin)",
     params(("id" = String, Path, description = "token id")),
-    responses((status = 204, description = "ok"), (status = 400, description = "error", body = ApiError), (status = 401, description = "error", body = ApiError), (status = 403, description = "error", body = ApiError), (status = 404, description = "error", body = ApiError))
+    responses((status = 204, description = "ok"), ApiErrors)
 )]
 async fn revoke_token(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<StatusCode> {
     if s.store.delete_token(&id)? {
