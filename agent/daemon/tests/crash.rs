@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla_bundle::SecretKey;
+use common::now;
 use flotilla_bundle::manifest::{ModelFormat, ModelSignature, RuntimeSettings};
-use flotilla_bundle::root::{Root, sign_root};
 use flotilla_runtime::{Runtimes, Tensor, TensorData};
-use flotilla_server::{Server, ServerConfig};
+
+mod common;
 
 const MODELS: [&[u8]; 3] = [
     include_bytes!("../../../examples/models/digits_cnn.onnx"),
@@ -26,10 +26,6 @@ const MODELS: [&[u8]; 3] = [
 ];
 const TEST_SET: &str = include_str!("../../../examples/models/digits_test.json");
 const T: Duration = Duration::from_secs(60);
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
 
 /// xorshift64*: enough randomness for kill times, and replayable from the seed.
 struct Rng(u64);
@@ -137,23 +133,7 @@ async fn installs_survive_sigkill_at_random_points() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = SecretKey::generate().unwrap();
-    std::fs::write(d.join("root.cbor"), sign_root(&Root::single_key(&key.public(), now(), None), &[&key]).unwrap())
-        .unwrap();
-    let mut cfg = ServerConfig::new(d.join("server"));
-    cfg.http = "127.0.0.1:0".parse().unwrap();
-    cfg.mqtt = "127.0.0.1:0".parse().unwrap();
-    let server = Server::start(cfg).await.unwrap();
-    let api = format!("http://{}", server.http_addr);
-    let broker = format!("mqtt://127.0.0.1:{}", server.mqtt_addr.port());
-    // The control plane's API wants its admin token (the agent's local API ignores it).
-    let http = reqwest::Client::builder()
-        .default_headers(reqwest::header::HeaderMap::from_iter([(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {}", server.admin_token().unwrap()).parse().unwrap(),
-        )]))
-        .build()
-        .unwrap();
+    let common::ControlPlane { server, key, api, broker, http } = common::control_plane(d).await;
 
     let input = batch();
     let expected: Vec<Vec<usize>> = MODELS.iter().map(|m| expected_classes(m, &input)).collect();

@@ -9,15 +9,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla_bundle::SecretKey;
-use flotilla_bundle::root::{Root, sign_root};
-use flotilla_server::{Server, ServerConfig};
+use common::now;
+
+mod common;
 
 const MODEL: &[u8] = include_bytes!("../../../examples/models/digits_cnn.onnx");
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
 
 async fn wait_json(http: &reqwest::Client, url: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let start = Instant::now();
@@ -48,18 +44,11 @@ fn wait_file(p: &Path) -> Vec<u8> {
 async fn agent_binary_installs_serves_and_says_goodbye() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = SecretKey::generate().unwrap();
-    std::fs::write(d.join("root.cbor"), sign_root(&Root::single_key(&key.public(), now(), None), &[&key]).unwrap())
-        .unwrap();
-    let mut cfg = ServerConfig::new(d.join("server"));
-    cfg.http = "127.0.0.1:0".parse().unwrap();
-    cfg.mqtt = "127.0.0.1:0".parse().unwrap();
-    let server = Server::start(cfg).await.unwrap();
-    let api = format!("http://{}", server.http_addr);
+    let common::ControlPlane { server, key, api, broker, http } = common::control_plane(d).await;
 
     let mut agent = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"))
         .args(["--data-dir", d.join("agent").to_str().unwrap(), "--device-id", "proc-1"])
-        .args(["--broker", &format!("mqtt://127.0.0.1:{}", server.mqtt_addr.port())])
+        .args(["--broker", &broker])
         .args(["--trust-root", d.join("root.cbor").to_str().unwrap(), "--api", "127.0.0.1:0", "--tag", "group=lab"])
         .args(["--api-socket", d.join("agent.sock").to_str().unwrap()])
         .stdout(Stdio::null())
@@ -68,14 +57,6 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
         .unwrap();
     let endpoints: serde_json::Value = serde_json::from_slice(&wait_file(&d.join("agent/endpoints.json"))).unwrap();
     let agent_api = format!("http://{}", endpoints["api"].as_str().unwrap());
-    // The control plane's API wants its admin token (the agent's local API ignores it).
-    let http = reqwest::Client::builder()
-        .default_headers(reqwest::header::HeaderMap::from_iter([(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {}", server.admin_token().unwrap()).parse().unwrap(),
-        )]))
-        .build()
-        .unwrap();
     let devices = wait_json(&http, &format!("{api}/api/v1/devices"), |v| v[0]["online"] == true).await;
     assert_eq!(devices[0]["id"], "proc-1");
     assert_eq!(devices[0]["tags"]["group"], "lab");
