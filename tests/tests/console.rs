@@ -238,18 +238,9 @@ async fn the_console_in_a_real_browser() {
     shots.push(web.screenshot("retrain").await);
 
     // A viewer sees the same pages without the operator's buttons.
-    let t: Value = fleet
-        .http
-        .post(format!("{}/api/v1/tokens", fleet.api()))
-        .json(&json!({"role": "viewer", "name": "wall screen"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let viewer = fleet.create_token("viewer", "wall screen").await.unwrap();
     web.click("#logout").await;
-    web.type_into("#token", t["token"].as_str().unwrap()).await;
+    web.type_into("#token", &viewer).await;
     web.click("#login-button").await;
     web.wait_text("#who", |t| t.contains("wall screen") && t.contains("viewer")).await;
     web.goto(&format!("{console}#/rollouts/{id}")).await;

@@ -35,8 +35,7 @@ async fn only_enrolled_devices_join() {
     assert_eq!((code, body["code"].as_str()), (400, Some("bad_credential")), "{body}");
     let (code, body) = status(fleet.http.put(put("no spaces")).json(&json!({"password_sha256": sha256("x")}))).await;
     assert_eq!((code, body["code"].as_str()), (400, Some("bad_device_id")), "{body}");
-    let viewer = fleet.http.post(format!("{api}/api/v1/tokens")).json(&json!({"role": "viewer"})).send().await.unwrap();
-    let viewer = authorized_client(viewer.json::<Value>().await.unwrap()["token"].as_str().unwrap()).unwrap();
+    let viewer = authorized_client(&fleet.create_token("viewer", "").await.unwrap()).unwrap();
     assert_eq!(status(viewer.put(put("pi-1")).json(&json!({"password_sha256": sha256("p1")}))).await.0, 403);
     for id in ["pi-1", "pi-2"] {
         let (code, body) =

@@ -808,17 +808,7 @@ async fn contexts_tokens_yaml_and_completions() {
     assert!(none.as_array().unwrap().is_empty());
 
     // A viewer token from the admin: reads, but may not change the fleet.
-    let t: serde_json::Value = fleet
-        .http
-        .post(format!("{}/api/v1/tokens", fleet.api()))
-        .json(&serde_json::json!({"role": "viewer"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let viewer = t["token"].as_str().unwrap();
+    let viewer = &fleet.create_token("viewer", "").await.unwrap();
     let out = run(&["context", "add", "ro", "--server", &fleet.api(), "--token", viewer, "--use"]);
     assert!(out.status.success());
     assert!(run(&["devices", "ls"]).status.success());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_agent::{Agent, AgentConfig, BrokerUrl};
-use flotilla_api::v1::{Bundle, Device, Rollout, RolloutCreate, RolloutCreated};
+use flotilla_api::v1::{Bundle, Device, Rollout, RolloutCreate, RolloutCreated, Token, TokenCreate};
 use flotilla_api::v2::{InferRequest, InferResponse, ModelMetadata};
 use flotilla_builder::BuildOptions;
 use flotilla_bundle::SecretKey;
@@ -286,6 +286,14 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A new API token of `role` (viewer, operator, admin), made with the admin's: the secret.
+    pub async fn create_token(&self, role: &str, name: &str) -> anyhow::Result<String> {
+        let req = TokenCreate { role: role.into(), name: name.into() };
+        let t: Token =
+            json_or_error(self.http.post(format!("{}/api/v1/tokens", self.api())).json(&req).send().await?).await?;
+        t.token.context("the server's answer holds no token")
     }
 
     pub async fn devices(&self) -> anyhow::Result<Vec<Device>> {
