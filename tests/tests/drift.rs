@@ -7,6 +7,10 @@
 //! field group raises an alert. A fifth device (`group=offline`) is cut from the broker for
 //! several windows: its reports arrive after it reconnects, and the merged counts equal the
 //! images it was sent.
+//!
+//! Count windows (`--drift-window 100`) on a burst: two devices per group answer 500 requests
+//! each within a second or two. The field group alerts within seconds of its last report, however
+//! little wall-clock time the windows spanned; the lab group, with the same traffic, does not.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,14 +25,13 @@ const T: Duration = Duration::from_secs(60);
 const WINDOW_SECS: u64 = 2;
 
 fn drift_bundle(fleet: &Fleet) -> Vec<u8> {
+    drift_bundle_with(fleet, Window::Seconds(WINDOW_SECS))
+}
+
+fn drift_bundle_with(fleet: &Fleet, window: Window) -> Vec<u8> {
     let mut opts = BuildOptions::new("digits", 1, digits::MODEL.to_vec(), unix_now());
-    let config = DriftConfig {
-        window: Window::Seconds(WINDOW_SECS),
-        thresholds: [(Metric::Psi, 0.2)].into(),
-        consecutive: 2,
-        min_count: 100,
-        sample: None,
-    };
+    let config =
+        DriftConfig { window, thresholds: [(Metric::Psi, 0.2)].into(), consecutive: 2, min_count: 100, sample: None };
     opts.drift = Some((digits::baseline_reference(), DriftOptions { config, ..DriftOptions::default() }));
     fleet.build_signed(&opts).unwrap()
 }
@@ -130,4 +133,96 @@ async fn a_shifted_group_alerts_alone_and_offline_windows_arrive_late() {
     assert_eq!(n, sent_offline);
     assert!(windows >= 3, "offline windows merged into {windows}");
     fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn count_windows_alert_on_a_burst_and_a_steady_group_does_not() {
+    const PER_DEVICE: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
+    for (id, group) in [("lab-0", "lab"), ("lab-1", "lab"), ("field-0", "field"), ("field-1", "field")] {
+        let mut cfg = fleet.agent_config(id);
+        cfg.tags.insert("group".into(), group.into());
+        fleet.start_agent_with(cfg).await.unwrap();
+    }
+    fleet.wait_devices_online(4).await.unwrap();
+    fleet.push(drift_bundle_with(&fleet, Window::Count(100))).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), T).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+
+    // 500 single-image requests per device, the four devices at once: a burst of 2,000.
+    let images = digits::baseline_images();
+    let fleet = std::sync::Arc::new(fleet);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (id, shift, invert) in
+        [("lab-0", 0, false), ("lab-1", 225, false), ("field-0", 0, true), ("field-1", 225, true)]
+    {
+        let (fleet, images) = (fleet.clone(), images.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..PER_DEVICE {
+                let image = &images[(k + shift) % images.len()];
+                let image = if invert { digits::inverted(image) } else { image.clone() };
+                fleet.infer(id, "digits", &digits::images_request(&[image])).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let burst = started.elapsed();
+    let last_request = Instant::now();
+
+    // The field group alerts within seconds of its last request.
+    fleet
+        .wait_for(T, || async {
+            Ok(fleet.alerts().await?.iter().any(|a| a.cohort == "group=field" && a.state == "firing"))
+        })
+        .await
+        .unwrap();
+    let alerted = last_request.elapsed();
+    assert!(alerted < Duration::from_secs(10), "the alert took {alerted:?}");
+
+    // Every device window (5 per device) reaches the control plane, and the counts add up.
+    let windows = |cohort: &'static str| {
+        let fleet = fleet.clone();
+        async move {
+            let rows = fleet.drift("digits", "&version=1").await?;
+            let mine: Vec<flotilla_api::v1::DriftRow> =
+                rows.into_iter().filter(|r| r.cohort == cohort && r.signal == "input.c0").collect();
+            anyhow::Ok(mine)
+        }
+    };
+    fleet
+        .wait_for(T, || async {
+            let lab: u64 = windows("group=lab").await?.iter().map(|r| r.inferences).sum();
+            let field: u64 = windows("group=field").await?.iter().map(|r| r.inferences).sum();
+            Ok(lab == 2 * PER_DEVICE as u64 && field == 2 * PER_DEVICE as u64)
+        })
+        .await
+        .unwrap();
+    let landed = last_request.elapsed();
+    let alerts = fleet.alerts().await.unwrap();
+    let field = alerts.iter().find(|a| a.cohort == "group=field" && a.state == "firing").unwrap();
+    assert!(field.windows >= 2 && field.value.unwrap() > 0.2, "{field:?}");
+    assert!(alerts.iter().all(|a| a.cohort != "group=lab"), "{alerts:#?}");
+
+    let lab = windows("group=lab").await.unwrap();
+    let field_rows = windows("group=field").await.unwrap();
+    eprintln!(
+        "burst of {} requests in {burst:?}; field alert {alerted:?} and all reports {landed:?} after it; lab windows {:?}; field windows {:?}",
+        4 * PER_DEVICE,
+        lab.iter().map(|r| (r.inferences, r.devices, r.psi.map(|p| (p * 1000.0).round() / 1000.0))).collect::<Vec<_>>(),
+        field_rows.iter().map(|r| (r.inferences, r.devices, r.psi.map(|p| p.round()))).collect::<Vec<_>>(),
+    );
+    // Ten device windows per group form several cohort windows, each of at least 100
+    // inferences; every one is scored.
+    for rows in [&lab, &field_rows] {
+        assert!(rows.len() >= 3, "{rows:#?}");
+        assert!(rows.iter().all(|r| r.inferences >= 100 && r.count == r.inferences && r.psi.is_some()), "{rows:#?}");
+    }
+    assert!(lab.iter().all(|r| r.psi.unwrap() < 0.2 && !r.alert), "{lab:#?}");
+    assert!(field_rows.iter().all(|r| r.psi.unwrap() > 1.0), "{field_rows:#?}");
+    assert!(field_rows.iter().skip(1).any(|r| r.alert), "{field_rows:#?}");
+    std::sync::Arc::into_inner(fleet).expect("no task holds the fleet").shutdown().await;
 }

@@ -3,11 +3,20 @@
 //! the sketches, scores the merged sketches against the bundle's baseline, and raises an alert
 //! when a signal of a cohort is over a threshold for the profile's `consecutive` windows in a row.
 //!
-//! Windows: a time window's report ends on a multiple of its length, so devices' reports land in
-//! the same aggregation window as they are. Count windows end whenever the device's N-th
-//! inference happened; they count in the aggregation period (`drift_period`) their end falls in.
 //! Cohorts are the values of one tag (by default `group`); devices are placed by their tags at
 //! the time of the query.
+//!
+//! Windows. A time window's report ends on a multiple of its length, so the reports of every
+//! device land in the same window as they are. Count windows (`--drift-window 200`: a report
+//! every 200 inferences of a device) end whenever traffic says, so the control plane forms the
+//! cohort's windows from the reports themselves ([`count_window`]), in arrival order: a report
+//! joins the cohort's newest window unless that window already holds at least
+//! `max(window, min_count)` inferences and either the reporting device is in it already (its
+//! next window has begun) or it opened more than `--drift-period` ago. Concurrent reports of
+//! different devices therefore merge; successive ones of the same devices do not. A shift that
+//! lasts k windows' worth of inferences makes k windows, however fast or slow it arrives, and is
+//! judged as the k-th report lands. A window is keyed by the time it opened (ms), taken after
+//! the newest key of the model version, so keys grow in arrival order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,7 +29,7 @@ use flotilla_proto::tags::{Selector, Tags};
 use flotilla_proto::{DriftReport, Sample, SampleBatch, SignalSketch};
 
 use crate::Shared;
-use crate::store::{AlertRow, DriftReportRow};
+use crate::store::{AlertRow, DriftReportRow, OpenDriftWindow};
 
 /// Largest baseline artifact read.
 const MAX_PROFILE_BYTES: u64 = 64 << 20;
@@ -60,14 +69,33 @@ fn read_profile(s: &Shared, model: &str, version: u64) -> anyhow::Result<Option<
     Ok(Some(p))
 }
 
-/// The aggregation window a report counts in (ms since the epoch).
-pub fn bucket_of(profile: &Profile, window_end_ms: u64, period_ms: u64) -> i64 {
-    let w = match profile.config.window {
-        Window::Seconds(s) => s.saturating_mul(1000),
-        Window::Count(_) => period_ms,
-    }
-    .max(1);
+/// The time window a report of a `seconds`-long window counts in: its aligned end (ms).
+pub fn time_bucket(seconds: u64, window_end_ms: u64) -> i64 {
+    let w = seconds.saturating_mul(1000).max(1);
     (window_end_ms.div_ceil(w).saturating_mul(w)) as i64
+}
+
+/// The count window of its cohort a report joins (see the module documentation): the cohort's
+/// newest window `open`, or a new one keyed `now_ms` (after `newest`, the newest key of the model
+/// version). `target` is `max(window, min_count)` inferences; `period_ms` the most a window stays
+/// open to new devices once it holds `target`.
+pub fn count_window(
+    open: Option<&OpenDriftWindow>,
+    device: &str,
+    target: u64,
+    period_ms: u64,
+    now_ms: i64,
+    newest: Option<i64>,
+) -> i64 {
+    if let Some(w) = open {
+        let full = w.inferences >= target;
+        let again = w.devices.iter().any(|d| d == device);
+        let old = now_ms.saturating_sub(w.bucket) >= period_ms as i64;
+        if !(full && (again || old)) {
+            return w.bucket;
+        }
+    }
+    newest.map_or(now_ms, |n| now_ms.max(n + 1))
 }
 
 /// Store a device's report (once per message id) and re-judge its cohort's alerts.
@@ -94,21 +122,36 @@ pub fn ingest(s: &Shared, device: &str, msg_id: &str, r: DriftReport, now: i64) 
     }
     let mut signals = Vec::new();
     ciborium::into_writer(&kept, &mut signals)?;
+    let tags: Tags =
+        s.store.device(device)?.map(|d| serde_json::from_str(&d.tags).unwrap_or_default()).unwrap_or_default();
+    let cohort = cohort_of(&tags, Some(&s.drift_cohort_key));
+    // One report at a time from here: the count window a report joins depends on the ones before.
+    let _one = s.profiles.judging.lock().expect("judging lock");
+    let bucket = match profile.config.window {
+        Window::Seconds(secs) => time_bucket(secs, r.window_end),
+        Window::Count(n) => count_window(
+            s.store.drift_open_window(&r.model, r.version, &cohort)?.as_ref(),
+            device,
+            n.max(profile.config.min_count),
+            s.drift_period_ms,
+            crate::now_ms() as i64,
+            s.store.drift_bucket_back(&r.model, r.version, 0)?,
+        ),
+    };
     let row = DriftReportRow {
         device_id: device.to_string(),
         version: r.version,
         window_start: r.window_start as i64,
         window_end: r.window_end as i64,
-        bucket: bucket_of(&profile, r.window_end, s.drift_period_ms),
+        bucket,
         inferences: r.inferences,
         signals,
+        cohort: cohort.clone(),
     };
-    let _one = s.profiles.judging.lock().expect("judging lock");
     if !s.store.add_drift_report(device, msg_id, &r.model, &row, now)? {
         return Ok(()); // seen before
     }
-    let tags = device_tags(s)?.remove(device).unwrap_or_default();
-    judge_alerts(s, &r.model, r.version, &profile, &cohort_of(&tags, Some(&s.drift_cohort_key)), now)
+    judge_alerts(s, &r.model, r.version, &profile, &cohort, now)
 }
 
 fn device_tags(s: &Shared) -> anyhow::Result<HashMap<String, Tags>> {
@@ -140,6 +183,8 @@ pub struct Query {
 
 struct Merged {
     start: i64,
+    /// The latest end of its reports.
+    end: i64,
     inferences: u64,
     devices: BTreeSet<String>,
     sketches: BTreeMap<String, Sketch>,
@@ -166,11 +211,13 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
         let m =
             groups.entry((r.version, cohort_of(t, q.by.as_deref()))).or_default().entry(r.bucket).or_insert(Merged {
                 start: r.window_start,
+                end: r.window_end,
                 inferences: 0,
                 devices: BTreeSet::new(),
                 sketches: BTreeMap::new(),
             });
         m.start = m.start.min(r.window_start);
+        m.end = m.end.max(r.window_end);
         m.inferences += r.inferences;
         m.devices.insert(r.device_id.clone());
         for sig in signals {
@@ -190,6 +237,8 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
     for ((version, cohort), windows) in groups {
         let Some(profile) = s.profiles.get(s, &q.model, version)? else { continue };
         let cfg = &profile.config;
+        // A time window ends at its bucket; a count window when its latest report does.
+        let counted = matches!(cfg.window, Window::Count(_));
         for sp in &profile.signals {
             let mut run = 0u32;
             for (&bucket, m) in &windows {
@@ -209,7 +258,7 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
                         cohort: cohort.clone(),
                         signal: sp.signal.name.clone(),
                         window_start: crate::rfc3339_ms(m.start),
-                        window_end: crate::rfc3339_ms(bucket),
+                        window_end: crate::rfc3339_ms(if counted { m.end } else { bucket }),
                         count: live.count(),
                         inferences: m.inferences,
                         devices: m.devices.len() as u64,
@@ -243,8 +292,8 @@ fn judge_alerts(
     now: i64,
 ) -> anyhow::Result<()> {
     let k = profile.config.consecutive.max(1);
-    // Enough windows back to see a run of k in this cohort even when other cohorts report more.
-    let since = s.store.drift_bucket_back(model, version, k.saturating_mul(4))?.unwrap_or(0);
+    // Enough of this cohort's windows back to see a run of k (and the window before it).
+    let since = s.store.drift_cohort_bucket_back(model, version, cohort, k.saturating_mul(4))?.unwrap_or(0);
     let selector = Selector::parse(cohort).map_err(anyhow::Error::msg)?;
     let by = Some(s.drift_cohort_key.clone());
     let rows = rows(s, &Query { model: model.into(), version: Some(version), selector, by, since, histograms: false })?;
@@ -385,22 +434,58 @@ pub fn alert(a: AlertRow) -> DriftAlert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_drift::DriftConfig;
 
-    fn profile(window: Window) -> Profile {
-        Profile { config: DriftConfig { window, ..DriftConfig::default() }, signals: vec![] }
+    #[test]
+    fn time_reports_land_in_aligned_buckets() {
+        // The device already ends them on multiples; a stray end rounds up.
+        assert_eq!(time_bucket(30, 60_000), 60_000);
+        assert_eq!(time_bucket(30, 60_001), 90_000);
+    }
+
+    /// Feed reports (device, inferences) arriving at `at` ms through `count_window` as ingest
+    /// does, and return each one's window key.
+    fn windows(reports: &[(&str, u64, i64)], target: u64, period_ms: u64) -> Vec<i64> {
+        let mut open: Option<OpenDriftWindow> = None;
+        let mut keys = Vec::new();
+        for &(device, n, at) in reports {
+            let key = count_window(open.as_ref(), device, target, period_ms, at, keys.last().copied());
+            match &mut open {
+                Some(w) if w.bucket == key => {
+                    w.inferences += n;
+                    if !w.devices.iter().any(|d| d == device) {
+                        w.devices.push(device.into());
+                    }
+                }
+                _ => open = Some(OpenDriftWindow { bucket: key, devices: vec![device.into()], inferences: n }),
+            }
+            keys.push(key);
+        }
+        keys
     }
 
     #[test]
-    fn reports_land_in_aligned_buckets() {
-        // Time windows: the device already ends them on multiples; a stray end rounds up.
-        let p = profile(Window::Seconds(30));
-        assert_eq!(bucket_of(&p, 60_000, 60_000), 60_000);
-        assert_eq!(bucket_of(&p, 60_001, 60_000), 90_000);
-        // Count windows: the aggregation period their end falls in.
-        let p = profile(Window::Count(200));
-        assert_eq!(bucket_of(&p, 61_000, 60_000), 120_000);
-        assert_eq!(bucket_of(&p, 120_000, 60_000), 120_000);
+    fn count_windows_merge_concurrent_reports_and_split_successive_ones() {
+        // A burst: two devices, five windows of 100 each, all in the same second, interleaved.
+        let burst: Vec<(&str, u64, i64)> =
+            (0..10).map(|i| (if i % 2 == 0 { "a" } else { "b" }, 100, 1_000 + i)).collect();
+        let keys = windows(&burst, 100, 60_000);
+        assert_eq!(keys, [1_000, 1_000, 1_002, 1_002, 1_004, 1_004, 1_006, 1_006, 1_008, 1_008]);
+        // The same reports one device after the other: each of a device's reports is a window of
+        // its own, and b's first joins a's last (they are concurrent as far as arrival tells).
+        let sequential: Vec<(&str, u64, i64)> =
+            (0..10).map(|i| (if i < 5 { "a" } else { "b" }, 100, 1_000 + i)).collect();
+        let keys = windows(&sequential, 100, 60_000);
+        assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), 9, "{keys:?}");
+        // Windows smaller than min_count merge until they hold it, even from one device.
+        let small: Vec<(&str, u64, i64)> = (0..10).map(|i| ("a", 20, 1_000 + i)).collect();
+        let keys = windows(&small, 100, 60_000);
+        assert_eq!(keys, [1_000, 1_000, 1_000, 1_000, 1_000, 1_005, 1_005, 1_005, 1_005, 1_005]);
+        // A full window stays open to new devices for one period only.
+        let keys = windows(&[("a", 100, 0), ("b", 100, 59_999), ("c", 100, 60_000)], 100, 60_000);
+        assert_eq!(keys, [0, 0, 60_000]);
+        // Keys grow even when the clock does not.
+        let keys = windows(&[("a", 100, 5), ("a", 100, 5), ("a", 100, 4)], 100, 60_000);
+        assert_eq!(keys, [5, 6, 7]);
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub struct ServerConfig {
     pub chunk_size: u32,
     /// Drift: the tag whose values are the cohorts alerts are judged per (default `group`).
     pub drift_cohort_key: String,
-    /// Drift: the aggregation period for reports of count windows (time windows use their own).
+    /// Drift, count windows: how long a cohort window that holds enough inferences stays open to
+    /// reports of further devices (`drift::count_window`).
     pub drift_period_secs: u64,
     /// Retraining: the key the server signs retrained bundles with (an automation key the trust
     /// root lists among its `targets` signers). Without it, retrained bundles wait for a key

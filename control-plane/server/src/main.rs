@@ -60,8 +60,10 @@ struct Args {
     /// Drift alerts are judged per value of this device tag (cohorts like group=lab).
     #[arg(long, value_name = "TAG", default_value = "group")]
     drift_cohort_key: String,
-    /// Aggregation period for drift reports of count-based windows, e.g. 60s (time-based
-    /// windows aggregate per window).
+    /// Count-based drift windows (`--drift-window 200`): a cohort's window that already holds
+    /// enough inferences takes reports of further devices for this long after it opened, e.g.
+    /// 60s (a device's own next report always opens a new window). Time-based windows aggregate
+    /// per window and ignore this.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_secs)]
     drift_period: u64,
     /// Sign retrained bundles with this key (an automation key the trust root lists among its

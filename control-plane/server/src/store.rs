@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS drift_reports (
     version INTEGER NOT NULL,
     window_start INTEGER NOT NULL,
     window_end INTEGER NOT NULL,
-    -- The aggregation window (ms) the report counts in: its aligned end.
+    -- The aggregation window (ms) the report counts in: a time window's aligned end, or the
+    -- opening time of the cohort's count window it joined.
     bucket INTEGER NOT NULL,
     inferences INTEGER NOT NULL,
     signals BLOB NOT NULL,
@@ -175,6 +176,16 @@ pub struct DriftReportRow {
     pub bucket: i64,
     pub inferences: u64,
     pub signals: Vec<u8>,
+    /// The device's cohort (under the server's cohort key) when the report arrived.
+    pub cohort: String,
+}
+
+/// The newest count window of a cohort: its key, who reported into it and how much.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenDriftWindow {
+    pub bucket: i64,
+    pub devices: Vec<String>,
+    pub inferences: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -287,6 +298,11 @@ impl Store {
         add_column(&conn, "rollouts", "plan", "TEXT")?;
         add_column(&conn, "rollouts", "engine", "TEXT")?;
         add_column(&conn, "rollouts", "reason", "TEXT")?;
+        // The reporting device's cohort when the report arrived (count windows form per cohort).
+        add_column(&conn, "drift_reports", "cohort", "TEXT")?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS drift_reports_by_cohort ON drift_reports (model, version, cohort, bucket)",
+        )?;
         Ok(Store { conn: Mutex::new(conn), latency: Latency::default() })
     }
 
@@ -388,7 +404,7 @@ impl Store {
         let n = self.with(|c| {
             c.execute(
                 "INSERT OR IGNORE INTO drift_reports (device_id, msg_id, model, version, window_start, window_end,
-                 bucket, inferences, signals, received) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 bucket, inferences, signals, received, cohort) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     device,
                     msg_id,
@@ -399,7 +415,8 @@ impl Store {
                     r.bucket,
                     r.inferences as i64,
                     r.signals,
-                    now
+                    now,
+                    r.cohort
                 ],
             )
         })?;
@@ -415,8 +432,9 @@ impl Store {
     ) -> anyhow::Result<Vec<DriftReportRow>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT device_id, version, window_start, window_end, bucket, inferences, signals FROM drift_reports
-                 WHERE model = ?1 AND (?2 IS NULL OR version = ?2) AND bucket >= ?3 ORDER BY bucket, seq",
+                "SELECT device_id, version, window_start, window_end, bucket, inferences, signals, cohort
+                 FROM drift_reports WHERE model = ?1 AND (?2 IS NULL OR version = ?2) AND bucket >= ?3
+                 ORDER BY bucket, seq",
             )?;
             st.query_map(params![model, version.map(|v| v as i64), since_bucket], |r| {
                 Ok(DriftReportRow {
@@ -427,9 +445,61 @@ impl Store {
                     bucket: r.get(4)?,
                     inferences: r.get::<_, i64>(5)? as u64,
                     signals: r.get(6)?,
+                    cohort: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
                 })
             })?
             .collect()
+        })
+    }
+
+    /// The newest count window of a cohort of a model version, if it has one.
+    pub fn drift_open_window(
+        &self,
+        model: &str,
+        version: u64,
+        cohort: &str,
+    ) -> anyhow::Result<Option<OpenDriftWindow>> {
+        self.with(|c| {
+            let Some(bucket) = c.query_row(
+                "SELECT MAX(bucket) FROM drift_reports WHERE model = ?1 AND version = ?2 AND cohort = ?3",
+                params![model, version as i64, cohort],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut st = c.prepare(
+                "SELECT device_id, SUM(inferences) FROM drift_reports
+                 WHERE model = ?1 AND version = ?2 AND cohort = ?3 AND bucket = ?4 GROUP BY device_id",
+            )?;
+            let mut w = OpenDriftWindow { bucket, devices: Vec::new(), inferences: 0 };
+            for row in st.query_map(params![model, version as i64, cohort, bucket], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })? {
+                let (device, n) = row?;
+                w.devices.push(device);
+                w.inferences += n as u64;
+            }
+            Ok(Some(w))
+        })
+    }
+
+    /// The `n`-th most recent bucket of one cohort's reports of a model version (0 = the latest).
+    pub fn drift_cohort_bucket_back(
+        &self,
+        model: &str,
+        version: u64,
+        cohort: &str,
+        n: u32,
+    ) -> anyhow::Result<Option<i64>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT DISTINCT bucket FROM drift_reports WHERE model = ?1 AND version = ?2 AND cohort = ?3
+                 ORDER BY bucket DESC LIMIT 1 OFFSET ?4",
+                params![model, version as i64, cohort, n],
+                |r| r.get(0),
+            )
+            .optional()
         })
     }
 
