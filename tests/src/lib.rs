@@ -1,6 +1,6 @@
 //! End-to-end tests live in `tests/`. This library holds what they share: a TCP proxy on the
-//! loopback that can throttle and cut real connections (HTTP or MQTT alike), and Debian's
-//! Mosquitto started on a free port.
+//! loopback that can throttle and cut real connections (HTTP or MQTT alike), Debian's
+//! Mosquitto started on a free port, and the real models fetched from PyPI wheels at set-up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -193,4 +193,18 @@ pub fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
         eprintln!("mosquitto did not start on port {port}: {log:?}; retrying");
     }
     panic!("mosquitto would not start");
+}
+
+/// `target/test-assets/{kind}`, made by `agent/runtime/assets/{script}` (models from PyPI wheels
+/// and their reference outputs) unless it already made it (the script checks its own recipe).
+pub fn test_assets(kind: &str, script: &str) -> std::path::PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dest = repo.join("target/test-assets").join(kind);
+    // One fetch at a time: tests of one binary run in parallel.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("bash").arg(repo.join("agent/runtime/assets").join(script)).arg(&dest).output();
+    let out = out.unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(out.status.success(), "{script} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    dest
 }

@@ -16,18 +16,7 @@ const T: Duration = Duration::from_secs(60);
 const MODEL: &str = "openwakeword/alexa.tflite";
 
 fn assets() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dest = repo.join("target/test-assets/tflite");
-    if !dest.join("models/reference.json").exists() {
-        let ok = std::process::Command::new("bash")
-            .arg(repo.join("agent/runtime/assets/fetch.sh"))
-            .arg(&dest)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "fetching the TFLite test assets failed");
-    }
-    dest
+    flotilla_tests::test_assets("tflite", "fetch.sh")
 }
 
 /// The reference's first case for MODEL: (input name, shape, data), expected output data.

@@ -135,6 +135,32 @@ pub enum Dim {
     Symbolic(String),
 }
 
+impl Dim {
+    /// The name that binds this dimension to every other with the same name (across inputs and
+    /// outputs), or None for a fixed or an anonymous one.
+    pub fn symbol(&self) -> Option<&str> {
+        match self {
+            Dim::Symbolic(s) if !is_anonymous_symbol(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A dynamic dimension with no name of its own (`?`, `-1`, or empty, as some exporters write
+    /// them): free on its own, never tied to another dimension.
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self, Dim::Symbolic(s) if is_anonymous_symbol(s))
+    }
+}
+
+/// Exporters write an unknown dimension as `?` (paddle2onnx), `-1` or an empty name. A name
+/// without a single letter or digit other than a minus sign and digits names nothing: a
+/// dimension so named is anonymous. `N`, `batch`, `unk__3` and `p2o.DynamicDimension.0` are
+/// names.
+pub fn is_anonymous_symbol(s: &str) -> bool {
+    let t = s.trim();
+    t.is_empty() || t.parse::<i64>().is_ok() || !t.chars().any(char::is_alphanumeric)
+}
+
 impl std::fmt::Display for Dim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -244,7 +270,8 @@ pub struct RuntimeSettings {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HealthChecks {
-    /// Largest absolute difference allowed between golden outputs and the device's outputs.
+    /// Largest difference allowed between golden outputs and the device's outputs: absolute
+    /// for expected values up to 1 in magnitude, relative to the expected value above.
     pub golden_tolerance: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_budget_us: Option<u64>,
@@ -382,6 +409,20 @@ mod tests {
         for bad in ["", "../x", "a/b", "/etc/passwd", ".hidden", "A", "x..y", "a\\b", &"x".repeat(65)] {
             assert!(validate_artifact_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn anonymous_dims_name_nothing() {
+        for anon in ["?", "-1", "", " ", "??", "*"] {
+            assert!(Dim::Symbolic(anon.into()).is_anonymous(), "{anon:?}");
+            assert_eq!(Dim::Symbolic(anon.into()).symbol(), None, "{anon:?}");
+        }
+        for named in ["N", "batch_size", "unk__3", "p2o.DynamicDimension.0", "x_2", "?N"] {
+            assert!(!Dim::Symbolic(named.into()).is_anonymous(), "{named:?}");
+            assert_eq!(Dim::Symbolic(named.into()).symbol(), Some(named));
+        }
+        assert!(!Dim::Fixed(3).is_anonymous());
+        assert_eq!(Dim::Fixed(3).symbol(), None);
     }
 
     #[test]

@@ -142,7 +142,15 @@ fn main() {
             config: flotilla_drift::DriftConfig { window: flotilla_drift::Window::Seconds(3600), ..Default::default() },
             ..Default::default()
         };
-        let profile = flotilla_builder::baseline::profile(bytes, &sig, &Default::default(), &reference, &opts).unwrap();
+        let profile = flotilla_builder::baseline::profile(
+            &Default::default(),
+            bytes,
+            &sig,
+            &Default::default(),
+            &reference,
+            &opts,
+        )
+        .unwrap();
         let signals = profile.signals.len();
         let drift =
             flotilla_agent::drift::ModelDrift::from_profile_json("m", 1, &serde_json::to_vec(&profile).unwrap(), 0)

@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_api::v2::{
     ErrorResponse, FeedbackBody, FeedbackResponse, InferRequest, InferResponse, InferTensor, ModelMetadata,
-    TensorMetadata,
+    SelfTestReport, TensorMetadata,
 };
 use flotilla_bundle::manifest::{DType, Dim, TensorSpec};
 use flotilla_runtime::{RuntimeError, Tensor, TensorData};
@@ -265,5 +265,12 @@ fn metadata(m: &ActiveModel) -> ModelMetadata {
         platform: m.backend().to_string(),
         inputs: m.manifest.model.inputs.iter().map(spec).collect(),
         outputs: m.manifest.model.outputs.iter().map(spec).collect(),
+        self_test: m.self_test.as_ref().map(|t| SelfTestReport {
+            kind: t.kind.as_str().into(),
+            cases: t.cases as u64,
+            runs: t.runs as u64,
+            median_us: t.median_us,
+            latency_budget_us: m.manifest.health.latency_budget_us,
+        }),
     }
 }

@@ -217,13 +217,15 @@ async fn install(ctx: &Arc<Ctx>, offer: &InstallOffer) -> Result<(String, u64), 
     .or_else(|e| fail(Activating, e))?;
     let backend = model.backend().to_string();
     let drift = crate::load_drift(ctx, &m.name, m.version, &verified.manifest);
+    let elapsed_ms = report.elapsed_ms;
+    tracing::info!(name = %m.name, version = m.version, self_test = report.kind.as_str(), median_us = report.median_us, golden_cases = report.cases, "model active");
     ctx.registry.insert(
         ActiveModel::new(m.name.clone(), m.version, verified.manifest.clone(), verified.manifest_sha256.clone(), model)
+            .with_self_test(report)
             .with_drift(drift),
     );
     let _ = std::fs::remove_file(&part);
-    tracing::info!(name = %m.name, version = m.version, median_us = report.median_us, golden_cases = report.cases, "model active");
-    Ok((backend, report.elapsed_ms))
+    Ok((backend, elapsed_ms))
 }
 
 pub fn verify_head(ctx: &Ctx, head: &[u8]) -> anyhow::Result<VerifiedManifest> {

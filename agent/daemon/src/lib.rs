@@ -147,6 +147,8 @@ impl Ctx {
                 model_sha256: m.manifest.artifact(flotilla_bundle::manifest::Role::Model).map(|a| a.sha256.clone()),
                 delegated_nodes: m.model.delegation().map(|d| d.delegated_nodes as u64),
                 cpu_nodes: m.model.delegation().map(|d| d.cpu_nodes as u64),
+                self_test: m.self_test.as_ref().map(|t| t.kind.as_str().to_string()),
+                self_test_median_us: m.self_test.as_ref().map(|t| t.median_us),
                 status: if self.with_state(|s| s.is_baked(&m.name)).unwrap_or(false) { "active" } else { "baking" }
                     .into(),
             })
@@ -415,10 +417,11 @@ pub(crate) fn restore(ctx: &Ctx, inst: &state::Installed) -> anyhow::Result<Acti
     let bytes = ctx.blobs.read(&inst.model_blob)?;
     let golden =
         inst.golden_blob.as_ref().map(|g| ctx.blobs.read(g).and_then(|b| Ok(GoldenSet::decode(&b)?))).transpose()?;
-    let (model, _) =
+    let (model, report) =
         load_and_test(&ctx.runtimes, &verified.manifest, &bytes, golden.as_ref()).map_err(anyhow::Error::msg)?;
     let drift = load_drift(ctx, &inst.name, inst.version, &verified.manifest);
     Ok(ActiveModel::new(inst.name.clone(), inst.version, verified.manifest, verified.manifest_sha256, model)
+        .with_self_test(report)
         .with_drift(drift))
 }
 

@@ -49,6 +49,12 @@ pub struct ModelState {
     pub delegated_nodes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_nodes: Option<u64>,
+    /// The self-test the model passed before it served (`golden` or `smoke`) and its median
+    /// latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test_median_us: Option<u64>,
     /// `baking` while the watchdog still judges it, then `active`.
     pub status: String,
 }

@@ -64,6 +64,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                         model_sha256: Some("ef".repeat(32)),
                         delegated_nodes: Some(18),
                         cpu_nodes: Some(8),
+                        self_test: None,
+                        self_test_median_us: None,
                         status: "active".into(),
                     }]),
                 },

@@ -10,7 +10,8 @@
 #                         feature models, the wake-word classifiers and an older Silero VAD (h, c)
 #   onnxruntime 1.23.2    used only to compute the reference outputs (make_onnx_reference.py);
 #                         fetched with numpy when `import onnxruntime` fails.
-# Idempotent: does nothing when DEST/models/reference.json exists (delete DEST to refetch). Writes into a temporary
+# Idempotent: does nothing when DEST/models/reference.json exists and DEST/recipe says this script
+# and its reference generator made it (delete DEST to refetch). Writes into a temporary
 # directory and renames it into place, so an interrupted run leaves nothing half-made.
 # Prints the models directory and the reference file.
 set -euo pipefail
@@ -25,7 +26,9 @@ report() {
     echo "reference: $dest/models/reference.json"
 }
 
-if [[ -f "$dest/models/reference.json" ]]; then
+# What the cache was made by: refetch when this script or its reference generator changed.
+recipe="$(cat "${BASH_SOURCE[0]}" "$here/make_onnx_reference.py" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$dest/models/reference.json" && "$(cat "$dest/recipe" 2>/dev/null)" == "$recipe" ]]; then
     report
     exit 0
 fi
@@ -61,6 +64,7 @@ PYTHONPATH="$work/python" "$python" "$here/make_onnx_reference.py" "$work/models
 mv "$work/models/reference.json.part" "$work/models/reference.json"
 rm -rf "$work/python" # only the reference needed it
 
+echo "$recipe" > "$work/recipe"
 rm -rf "$dest"
 mv "$work" "$dest"
 trap - EXIT

@@ -8,7 +8,8 @@
 #   pyopen-wakeword 1.1.0   openWakeWord models (float32; one has a dynamic input, one an IF op)
 #   ai-edge-litert 2.3.0    Google's TFLite Python interpreter, used only to compute the reference
 #                           outputs (make_reference.py); it needs numpy, fetched too when missing.
-# Idempotent: does nothing when DEST/models/reference.json exists (delete DEST to refetch). Writes into a temporary
+# Idempotent: does nothing when DEST/models/reference.json exists and DEST/recipe says this script
+# and its reference generator made it (delete DEST to refetch). Writes into a temporary
 # directory and renames it into place, so an interrupted run leaves nothing half-made.
 # Prints the library path, the models directory and the reference file.
 set -euo pipefail
@@ -24,7 +25,9 @@ report() {
     echo "reference: $dest/models/reference.json"
 }
 
-if [[ -f "$dest/models/reference.json" ]]; then
+# What the cache was made by: refetch when this script or its reference generator changed.
+recipe="$(cat "${BASH_SOURCE[0]}" "$here/make_reference.py" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$dest/models/reference.json" && "$(cat "$dest/recipe" 2>/dev/null)" == "$recipe" ]]; then
     report
     exit 0
 fi
@@ -60,6 +63,7 @@ PYTHONPATH="$work/python" "$python" "$here/make_reference.py" "$work/models" > "
 mv "$work/models/reference.json.part" "$work/models/reference.json"
 rm -rf "$work/python" # only the reference needed it
 
+echo "$recipe" > "$work/recipe"
 rm -rf "$dest"
 mv "$work" "$dest"
 trap - EXIT

@@ -8,6 +8,8 @@
 //! TFLite C library, loaded at run time when the agent is given one: [`Runtimes::with_tflite`]).
 
 pub mod error;
+pub mod selftest;
+pub mod smoke;
 pub mod tensor;
 pub mod tflite;
 pub mod tract_onnx;
@@ -115,6 +117,7 @@ impl Runtimes {
         for b in candidates {
             match contain(b.name(), || b.load(model, sig, settings)) {
                 Ok(m) => return Ok(m),
+                Err(RuntimeError::Unsupported(why)) => errors.push(why),
                 Err(e) => errors.push(e.to_string()),
             }
         }
@@ -144,23 +147,23 @@ pub fn refuse_required_accelerator(backend: &'static str, settings: &RuntimeSett
 
 /// Run `f`, turning a panic into an error naming the backend.
 pub fn contain<T>(backend: &'static str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(RuntimeError::Unsupported(format!("{backend} panicked: {msg}")))
-        }
-    }
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(RuntimeError::Unsupported(format!("{backend} panicked: {}", panic_message(&*p)))))
 }
 
 /// Run a loaded model with panics contained.
 pub fn run(model: &dyn LoadedModel, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-    match catch_unwind(AssertUnwindSafe(|| model.run(inputs))) {
-        Ok(r) => r,
-        Err(_) => Err(RuntimeError::Run { backend: "runtime", detail: format!("{} panicked", model.backend()) }),
-    }
+    catch_unwind(AssertUnwindSafe(|| model.run(inputs))).unwrap_or_else(|p| {
+        Err(RuntimeError::Run {
+            backend: "runtime",
+            detail: format!("{} panicked: {}", model.backend(), panic_message(&*p)),
+        })
+    })
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -177,8 +177,17 @@ impl Tensor {
 }
 
 /// Order `inputs` as the signature lists them and check names, dtypes and shapes. Symbolic dims
-/// may take any size but must agree wherever the same symbol appears.
+/// may take any size but must agree wherever the same symbol appears; anonymous ones (`?`, `-1`:
+/// [`Dim::is_anonymous`]) are each free on their own.
 pub fn check_inputs(spec: &[TensorSpec], mut inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+    // A misspelt input is named as such, not reported as the missing one it stood for.
+    if let Some(extra) = inputs.iter().find(|t| !spec.iter().any(|s| s.name == t.name)) {
+        return Err(RuntimeError::BadInput(format!(
+            "unknown input {:?} (the model takes {})",
+            extra.name,
+            names(spec)
+        )));
+    }
     let mut ordered = Vec::with_capacity(spec.len());
     let mut bound: Vec<(&str, usize)> = Vec::new();
     for s in spec {
@@ -206,33 +215,68 @@ pub fn check_inputs(spec: &[TensorSpec], mut inputs: Vec<Tensor>) -> Result<Vec<
             return Err(shape_err());
         }
         for (have, want) in t.shape.iter().zip(&s.shape) {
-            match want {
-                Dim::Fixed(n) if *n as usize != *have => return Err(shape_err()),
-                Dim::Fixed(_) => {}
-                Dim::Symbolic(sym) => match bound.iter().find(|(n, _)| n == sym) {
-                    Some((_, v)) if v != have => {
-                        return Err(RuntimeError::BadInput(format!(
-                            "dimension {sym} is {v} in one input and {have} in input {:?}",
-                            s.name
-                        )));
-                    }
-                    Some(_) => {}
-                    None => bound.push((sym.as_str(), *have)),
-                },
+            if let Dim::Fixed(n) = want
+                && *n as usize != *have
+            {
+                return Err(shape_err());
+            }
+            let Some(sym) = want.symbol() else { continue };
+            match bound.iter().find(|(n, _)| *n == sym) {
+                Some((_, v)) if v != have => {
+                    return Err(RuntimeError::BadInput(format!(
+                        "dimension {sym} is {v} in one input and {have} in input {:?}",
+                        s.name
+                    )));
+                }
+                Some(_) => {}
+                None => bound.push((sym, *have)),
             }
         }
         ordered.push(t);
     }
-    if let Some(extra) = inputs.first() {
-        return Err(RuntimeError::BadInput(format!(
-            "unknown input {:?} (the model takes {})",
-            extra.name,
-            names(spec)
-        )));
+    if let Some(twice) = inputs.first() {
+        return Err(RuntimeError::BadInput(format!("input {:?} is given twice", twice.name)));
     }
     Ok(ordered)
 }
 
 fn names(spec: &[TensorSpec]) -> String {
     spec.iter().map(|s| format!("{:?}", s.name)).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, shape: &[Dim]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype: DType::F32, shape: shape.to_vec() }
+    }
+
+    fn t(name: &str, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(name, shape.to_vec(), TensorData::F32(vec![0.0; n])).unwrap()
+    }
+
+    fn err(spec: &[TensorSpec], inputs: Vec<Tensor>) -> String {
+        check_inputs(spec, inputs).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names_bind_anonymous_dims_do_not() {
+        let sym = |s: &str| Dim::Symbolic(s.into());
+        let sig = [spec("a", &[sym("N"), sym("?"), sym("?")]), spec("b", &[sym("N"), sym("-1")])];
+        check_inputs(&sig, vec![t("b", &[2, 7]), t("a", &[2, 48, 192])]).unwrap();
+        assert_eq!(
+            err(&sig, vec![t("a", &[1, 48, 192]), t("b", &[2, 7])]),
+            "dimension N is 1 in one input and 2 in input \"b\""
+        );
+    }
+
+    #[test]
+    fn a_misspelt_input_is_named() {
+        let sig = [spec("input_1", &[Dim::Fixed(2)])];
+        assert_eq!(err(&sig, vec![t("x", &[2])]), "unknown input \"x\" (the model takes \"input_1\")");
+        assert_eq!(err(&sig, vec![]), "missing input \"input_1\" (the model takes \"input_1\")");
+        assert_eq!(err(&sig, vec![t("input_1", &[2]), t("input_1", &[2])]), "input \"input_1\" is given twice");
+    }
 }

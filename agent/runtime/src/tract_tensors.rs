@@ -2,7 +2,7 @@
 
 use tract_onnx::prelude::*;
 
-use flotilla_bundle::manifest::DType;
+use flotilla_bundle::manifest::{DType, Dim};
 
 use crate::error::RuntimeError;
 use crate::tensor::{Tensor as FTensor, TensorData};
@@ -20,6 +20,16 @@ pub fn datum_type(d: DType) -> Result<DatumType, RuntimeError> {
         DType::I64 => i64::datum_type(),
         DType::Bool => bool::datum_type(),
     })
+}
+
+/// A manifest dimension as a tract dimension: fixed stays fixed, a named one becomes the symbol of
+/// that name (so it binds wherever the name recurs), an anonymous one a fresh symbol of its own.
+pub fn tract_dim(symbols: &SymbolScope, d: &Dim) -> TDim {
+    match (d, d.symbol()) {
+        (Dim::Fixed(n), _) => TDim::from(*n as i64),
+        (_, Some(name)) => symbols.sym(name).into(),
+        (_, None) => symbols.new_with_prefix("anonymous").into(),
+    }
 }
 
 /// A request tensor as a tract tensor (a shape that does not fit the data is the caller's error).
@@ -62,4 +72,37 @@ pub fn from_tract(name: &str, t: &Tensor, fail: impl Fn(TractError) -> RuntimeEr
         return Err(RuntimeError::Unsupported(format!("output {name:?} has datum type {dt:?}")));
     };
     FTensor::new(name, t.shape().to_vec(), data)
+}
+
+/// A one-line account of a tract error, at most about 600 characters: tract-tflite's contexts
+/// embed whole flatbuffer dumps (of which only the operator's name is worth keeping), and
+/// tract's evaluation errors whole tensors (each cause keeps its first 240 characters).
+pub fn brief(e: &TractError) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if let Some(op) = text.lines().find_map(|l| l.trim().strip_prefix("builtin_code:")) {
+            parts.push(format!("operator {}", op.trim().trim_end_matches(',')));
+            continue;
+        }
+        let first = text.lines().next().unwrap_or_default().trim();
+        // "Translating ...: Operator {" loses its dump opener.
+        let first = match first.strip_suffix('{') {
+            Some(rest) => rest.trim_end().rsplit_once(' ').map_or("", |(head, _)| head).trim_end_matches(':'),
+            None => first,
+        };
+        if !first.is_empty() {
+            parts.push(cut(first.to_string(), 240));
+        }
+    }
+    cut(parts.join(": "), 600)
+}
+
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let at = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(at);
+        text.push_str("...");
+    }
+    text
 }

@@ -18,6 +18,7 @@ use tract_tflite::tflite::{TensorType, root_as_model};
 
 use crate::error::RuntimeError;
 use crate::tensor::Tensor as FTensor;
+use crate::tract_tensors::{brief, tract_dim};
 use crate::{Backend, LoadedModel};
 
 pub const NAME: &str = "tract-tflite";
@@ -84,14 +85,7 @@ impl Backend for TractTflite {
             }
             // Symbolic dims become tract symbols; the graph's facts are then re-derived.
             if spec.shape.iter().any(|d| matches!(d, Dim::Symbolic(_))) {
-                let dims: TVec<TDim> = spec
-                    .shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => TDim::from(*n as i64),
-                        Dim::Symbolic(s) => m.symbols.sym(s).into(),
-                    })
-                    .collect();
+                let dims: TVec<TDim> = spec.shape.iter().map(|d| tract_dim(&m.symbols, d)).collect();
                 // The source op keeps its own copy of the fact, which re-deriving would restore.
                 let dynamic = fact.datum_type.fact(dims);
                 let source = m.input_outlets().map_err(|e| unsupported("no inputs", e))?[ix].node;
@@ -145,35 +139,6 @@ impl LoadedModel for TractTfliteModel {
             })
             .collect()
     }
-}
-
-/// A one-line account of a tract error: tract-tflite's contexts embed whole flatbuffer dumps, of
-/// which only the operator's name is worth keeping.
-fn brief(e: &TractError) -> String {
-    let mut parts = Vec::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if let Some(op) = text.lines().find_map(|l| l.trim().strip_prefix("builtin_code:")) {
-            parts.push(format!("operator {}", op.trim().trim_end_matches(',')));
-            continue;
-        }
-        let first = text.lines().next().unwrap_or_default().trim();
-        // "Translating ...: Operator {" loses its dump opener.
-        let first = match first.strip_suffix('{') {
-            Some(rest) => rest.trim_end().rsplit_once(' ').map_or("", |(head, _)| head).trim_end_matches(':'),
-            None => first,
-        };
-        if !first.is_empty() {
-            parts.push(first.to_string());
-        }
-    }
-    let mut text = parts.join(": ");
-    if text.len() > 600 {
-        let cut = (0..=600).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    text
 }
 
 /// Build the tract tensor; quantized model inputs get the model's scale and zero point.

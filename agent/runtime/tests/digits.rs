@@ -63,7 +63,8 @@ fn bad_inputs_are_explained() {
     let e = check_inputs(&sig.inputs, vec![wrong_shape]).unwrap_err().to_string();
     assert!(e.contains("shape [1, 64]") && e.contains("[N,1,8,8]"), "{e}");
     let wrong_name = Tensor::new("x", vec![1, 1, 8, 8], TensorData::F32(vec![0.0; 64])).unwrap();
-    assert!(check_inputs(&sig.inputs, vec![wrong_name]).unwrap_err().to_string().contains("missing input \"input\""));
+    let e = check_inputs(&sig.inputs, vec![wrong_name]).unwrap_err().to_string();
+    assert_eq!(e, "unknown input \"x\" (the model takes \"input\")", "the misspelt name is the one named");
     let wrong_type = Tensor::new("input", vec![1, 1, 8, 8], TensorData::I64(vec![0; 64])).unwrap();
     assert!(check_inputs(&sig.inputs, vec![wrong_type]).unwrap_err().to_string().contains("INT64"));
     assert!(Tensor::new("input", vec![2, 2], TensorData::F32(vec![0.0; 3])).is_err());

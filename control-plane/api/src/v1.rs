@@ -46,6 +46,12 @@ pub struct DeviceModel {
     pub delegated_nodes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_nodes: Option<u64>,
+    /// The self-test the device ran before the model served: `golden` (the bundle's golden
+    /// cases) or `smoke` (inputs made from the signature), and its median latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test_median_us: Option<u64>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

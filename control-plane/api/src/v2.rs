@@ -98,6 +98,25 @@ pub struct ModelMetadata {
     pub platform: String,
     pub inputs: Vec<TensorMetadata>,
     pub outputs: Vec<TensorMetadata>,
+    /// Flotilla's extension: the self-test this version passed on the device before it served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<SelfTestReport>,
+}
+
+/// How a model was tested on the device before it went active.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelfTestReport {
+    /// `golden` (the bundle's golden cases, outputs compared within its tolerance) or `smoke`
+    /// (inputs made from the signature; outputs checked for declared shapes and finite values).
+    pub kind: String,
+    /// Golden cases checked (0 for smoke).
+    pub cases: u64,
+    /// Timed runs after the warm-up; `median_us` is their median.
+    pub runs: u64,
+    pub median_us: u64,
+    /// The latency budget it was judged against, if the bundle has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_budget_us: Option<u64>,
 }
 
 /// `{"error": "..."}`, as the protocol specifies.

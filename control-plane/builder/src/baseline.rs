@@ -296,10 +296,19 @@ pub fn signals(sig: &ModelSignature, opts: &DriftOptions) -> Result<Vec<(Signal,
                     ModelFormat::Tflite => sample.len().saturating_sub(1) as u32,
                 };
                 let axis = axis.unwrap_or(default_axis);
-                let channels = sample.get(axis as usize).and_then(fixed).ok_or_else(|| {
-                    BuildError::Input(format!("input {t:?}: axis {axis} of its samples is not a fixed dimension"))
-                })?;
-                if channels > MAX_CHANNEL_SIGNALS && opts.inputs.iter().all(|(n, _)| n != &t) {
+                let by_default = opts.inputs.iter().all(|(n, _)| n != &t);
+                let channels = match sample.get(axis as usize).and_then(fixed) {
+                    Some(c) => c,
+                    // A free axis (a sequence's length, say) has no channels to watch: the
+                    // default falls back to the mean; a request for them is an error.
+                    None if by_default => usize::MAX,
+                    None => {
+                        return Err(BuildError::Input(format!(
+                            "input {t:?}: axis {axis} of its samples is not a fixed dimension"
+                        )));
+                    }
+                };
+                if channels > MAX_CHANNEL_SIGNALS && by_default {
                     out.push((
                         Signal {
                             name: prefix(&t, "mean"),
@@ -394,6 +403,7 @@ pub fn options_of(previous: &Profile) -> DriftOptions {
 
 /// Runs the model over the reference data and builds the profile.
 pub fn profile(
+    runtimes: &Runtimes,
     model: &[u8],
     sig: &ModelSignature,
     settings: &RuntimeSettings,
@@ -405,7 +415,6 @@ pub fn profile(
         None => signals(sig, opts)?,
     };
     let settings = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
-    let runtimes = Runtimes::with_tflite(None).unwrap_or_default();
     let loaded = runtimes.load(model, sig, &settings)?;
     let mut runs = Vec::with_capacity(reference.batches.len());
     for (i, batch) in reference.batches.iter().enumerate() {
@@ -502,6 +511,16 @@ mod tests {
         let opts = DriftOptions { inputs: vec![("nope".into(), Reduction::Mean)], ..DriftOptions::default() };
         assert!(signals(&tab, &opts).is_err());
         assert_eq!(Reduction::parse("x=channel-mean:1").unwrap(), ("x".into(), Reduction::ChannelMean(Some(1))));
+        // A sequence of free length ([N, T, 28], an LSTM's): no channel axis, so the mean by
+        // default; channel means on the free axis only when asked for, and then refused.
+        let seq = ModelSignature {
+            format: ModelFormat::Onnx,
+            inputs: vec![spec("x", DType::F32, &[n.clone(), Dim::Symbolic("T".into()), f(28)])],
+            outputs: vec![spec("h", DType::F32, &[n.clone(), f(256)])],
+        };
+        assert_eq!(names(&signals(&seq, &DriftOptions::default()).unwrap())[0], "x.mean");
+        let opts = DriftOptions { inputs: vec![("x".into(), Reduction::ChannelMean(None))], ..DriftOptions::default() };
+        assert!(signals(&seq, &opts).unwrap_err().to_string().contains("not a fixed dimension"));
         assert!(Reduction::parse("x=median").is_err());
     }
 

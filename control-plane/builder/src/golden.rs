@@ -16,6 +16,7 @@ use crate::{BuildError, checked};
 /// QDQ graphs) then fails its self-test. Where this machine's runtime already disagrees with a
 /// reference case, the returned warnings say so.
 pub fn compute(
+    runtimes: &Runtimes,
     model: &[u8],
     sig: &ModelSignature,
     settings: &RuntimeSettings,
@@ -24,13 +25,32 @@ pub fn compute(
     tolerance: f64,
 ) -> Result<(GoldenSet, Vec<String>), BuildError> {
     // The reference is the runtime's own CPU kernels, never a delegate: the real TFLite library
-    // when one is configured (`FLOTILLA_TFLITE_LIB`), else tract.
+    // when the build has one ([`crate::reference_runtimes`]), else tract.
     let settings = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
-    let runtimes = Runtimes::with_tflite(None).unwrap_or_default();
-    let loaded = runtimes.load(model, sig, &settings)?;
-    let mut out = GoldenSet::default();
     let mut warnings = Vec::new();
+    // Cases with reference outputs need no runtime here: when none can load the model, they are
+    // stored as given (the devices' runtimes are what they test).
+    let loaded = match runtimes.load(model, sig, &settings) {
+        Ok(m) => Some(m),
+        Err(e) if cases.is_empty() => {
+            warnings.push(format!(
+                "the golden reference outputs are stored as given, unchecked: no runtime here can load the model ({e})"
+            ));
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if sig.format == flotilla_bundle::manifest::ModelFormat::Tflite
+        && !cases.is_empty()
+        && !runtimes.names().contains(&"tflite")
+    {
+        warnings.push(
+            "the golden outputs of this TFLite model come from tract-tflite (FLOTILLA_TFLITE_LIB is not set): devices running TensorFlow Lite refuse the bundle where the two disagree; give reference outputs with the inputs, or set FLOTILLA_TFLITE_LIB".into(),
+        );
+    }
+    let mut out = GoldenSet::default();
     for case in cases {
+        let loaded = loaded.as_ref().expect("loaded when there are cases to compute");
         let inputs = checked(sig, case)?;
         let outputs = flotilla_runtime::run(loaded.as_ref(), inputs.clone())?;
         out.cases.push(GoldenCase {
@@ -48,22 +68,27 @@ pub fn compute(
                 )));
             }
         }
-        match flotilla_runtime::run(loaded.as_ref(), inputs.clone()) {
-            Ok(outputs) => {
+        let checked_here = loaded.as_ref().map(|l| (l.backend(), flotilla_runtime::run(l.as_ref(), inputs.clone())));
+        match checked_here {
+            None => {}
+            Some((backend, Ok(outputs))) => {
                 for want in expected {
                     let have = outputs.iter().find(|o| o.name == want.name);
-                    let diff = have.map(|h| max_abs_diff(&h.data.to_f64(), &want.data.to_f64()));
+                    let diff =
+                        have.map(|h| flotilla_runtime::selftest::scaled_diff(&h.data.to_f64(), &want.data.to_f64()));
                     if diff.is_none_or(|d| d > tolerance) {
                         warnings.push(format!(
                             "golden reference case {i}: {} on this machine gives output {:?} {} from the reference; devices running it will refuse the bundle",
-                            loaded.backend(),
+                            backend,
                             want.name,
                             diff.map_or("unlike".to_string(), |d| format!("{d:.3e} away"))
                         ));
                     }
                 }
             }
-            Err(e) => warnings.push(format!("golden reference case {i}: {} cannot run it here: {e}", loaded.backend())),
+            Some((backend, Err(e))) => {
+                warnings.push(format!("golden reference case {i}: {backend} cannot run it here: {e}"))
+            }
         }
         out.cases.push(GoldenCase {
             inputs: inputs.iter().map(Tensor::to_golden).collect(),
@@ -71,16 +96,6 @@ pub fn compute(
         });
     }
     Ok((out, warnings))
-}
-
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
-        .fold(0.0, f64::max)
 }
 
 /// One golden case read from a file: inputs, and expected outputs when the file has them.

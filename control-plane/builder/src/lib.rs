@@ -13,6 +13,7 @@ use flotilla_bundle::manifest::{
     Target,
 };
 use flotilla_bundle::writer::{ArtifactInput, write_bundle};
+use flotilla_runtime::selftest::{SelfTestKind, scaled_diff};
 use flotilla_runtime::{Runtimes, Tensor, check_inputs};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub struct BuildOptions {
     /// Without `drift`: store this drift profile as it is (a successor keeping its
     /// predecessor's baseline).
     pub profile: Option<flotilla_drift::Profile>,
+    /// The TensorFlow Lite C library to run TFLite models with here (golden outputs, baseline,
+    /// the smoke trial); None: `$FLOTILLA_TFLITE_LIB` when it loads, else tract-tflite alone.
+    pub tflite_lib: Option<std::path::PathBuf>,
 }
 
 impl BuildOptions {
@@ -90,7 +94,19 @@ impl BuildOptions {
             delta_only: false,
             drift: None,
             profile: None,
+            tflite_lib: None,
         }
+    }
+}
+
+/// The runtimes a build runs a model on: the built-in ones, and the TensorFlow Lite library
+/// (`lib`, else `$FLOTILLA_TFLITE_LIB`), which comes first for TFLite models. A library named
+/// explicitly must load; the environment's is used when it does.
+pub fn reference_runtimes(lib: Option<&std::path::Path>) -> Result<Runtimes, BuildError> {
+    match lib {
+        Some(path) => Runtimes::with_tflite(Some(path))
+            .map_err(|e| BuildError::Input(format!("the TensorFlow Lite library {}: {e}", path.display()))),
+        None => Ok(Runtimes::with_tflite(None).unwrap_or_default()),
     }
 }
 
@@ -101,9 +117,10 @@ pub fn detect_format(model: &[u8]) -> Result<ModelFormat, BuildError> {
         return Ok(ModelFormat::Tflite);
     }
     // ONNX is a protobuf ModelProto: try to read it.
-    flotilla_runtime::tract_onnx::inspect_onnx(model).map(|_| ModelFormat::Onnx).map_err(|e| {
-        BuildError::Input(format!("the model is neither a TFLite flatbuffer nor a readable ONNX model ({e})"))
-    })
+    if flotilla_runtime::tract_onnx::is_onnx(model) {
+        return Ok(ModelFormat::Onnx);
+    }
+    Err(BuildError::Input("the model is neither a TFLite flatbuffer nor a readable ONNX model".into()))
 }
 
 /// Parse `NAME=1,24,24,3`.
@@ -122,7 +139,12 @@ pub fn parse_input_shape(s: &str) -> Result<(String, Vec<u64>), BuildError> {
 /// Read the signature and apply pins.
 pub fn signature(opts: &BuildOptions) -> Result<ModelSignature, BuildError> {
     let mut sig = match detect_format(&opts.model)? {
-        ModelFormat::Onnx => flotilla_runtime::tract_onnx::inspect_onnx(&opts.model)?,
+        ModelFormat::Onnx => flotilla_runtime::tract_onnx::inspect_onnx(&opts.model).map_err(|e| match e {
+            flotilla_runtime::RuntimeError::Unsupported(why) => {
+                BuildError::Input(format!("this ONNX model cannot be served: {why}"))
+            }
+            e => e.into(),
+        })?,
         ModelFormat::Tflite => flotilla_runtime::tract_tflite::inspect_tflite(&opts.model)?,
     };
     for (name, dims) in &opts.input_shapes {
@@ -162,11 +184,213 @@ pub struct Built {
     pub warnings: Vec<String>,
     /// The drift profile stored as the `baseline` artifact, when there is one.
     pub profile: Option<flotilla_drift::Profile>,
+    /// The self-test devices will run before the model serves, as tried here.
+    pub self_test: SelfTestTrial,
+}
+
+/// The self-test a bundle gets on every device, and how it went on this machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelfTestTrial {
+    pub kind: SelfTestKind,
+    /// `3 golden cases`, or the smoke inputs' shapes (`x=[1,3,64,64]`).
+    pub inputs: String,
+    /// The backend that ran it here and its median latency (µs), when it ran here.
+    pub here: Option<(String, u64)>,
+}
+
+/// Exporters leave stale output shapes behind (ddddocr's OCR model declares `[1, 19]` and gives
+/// `[1, 4]` for a short image): where what the model gave for `inputs` contradicts a dimension
+/// its outputs declare, that dimension becomes anonymous in the signature, so that the bundle
+/// tells devices and apps the truth. A different rank or datatype is an error: no shape can say
+/// that. Returns a warning per change.
+pub fn reconcile_outputs(
+    sig: &mut ModelSignature,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> Result<Vec<String>, BuildError> {
+    let mut bound: BTreeMap<String, usize> = BTreeMap::new();
+    for (spec, t) in sig.inputs.iter().zip(inputs) {
+        for (d, &size) in spec.shape.iter().zip(&t.shape) {
+            if let Some(name) = d.symbol() {
+                bound.entry(name.to_string()).or_insert(size);
+            }
+        }
+    }
+    let taken: std::collections::BTreeSet<String> = sig
+        .inputs
+        .iter()
+        .chain(&sig.outputs)
+        .flat_map(|s| s.shape.iter().filter_map(|d| d.symbol().map(String::from)))
+        .collect();
+    let mut warnings = Vec::new();
+    for spec in &mut sig.outputs {
+        // (Golden reference cases may list only some outputs; a smoke run's are checked after.)
+        let Some(t) = outputs.iter().find(|t| t.name == spec.name) else { continue };
+        if t.data.dtype() != spec.dtype || t.shape.len() != spec.shape.len() {
+            return Err(BuildError::Input(format!(
+                "output {:?} came back as {} {:?}, but the model declares {} [{}]",
+                spec.name,
+                t.data.dtype().as_str(),
+                t.shape,
+                spec.dtype.as_str(),
+                dims_text(&spec.shape)
+            )));
+        }
+        let declared = dims_text(&spec.shape);
+        let mut changed = false;
+        for (axis, (d, &size)) in spec.shape.iter_mut().zip(&t.shape).enumerate() {
+            let want = match d {
+                Dim::Fixed(n) => Some(*n as usize),
+                _ => d.symbol().and_then(|name| bound.get(name).copied()),
+            };
+            if want.is_some_and(|w| w != size) {
+                let mut name = format!("{}_{axis}", spec.name);
+                while taken.contains(&name) {
+                    name.push('_');
+                }
+                *d = Dim::Symbolic(name);
+                changed = true;
+            }
+        }
+        if changed {
+            warnings.push(format!(
+                "output {:?} is declared [{declared}] but came back {:?}: recorded as [{}] (dimensions the model contradicts are left free)",
+                spec.name,
+                t.shape,
+                dims_text(&spec.shape)
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+fn dims_text(shape: &[Dim]) -> String {
+    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// What to tell an operator whose model fails its smoke self-test with `error` (`free`: its
+/// inputs have dimensions `--input-shape` could pin).
+fn self_test_advice(free: bool, error: &str) -> &'static str {
+    if error.contains("Unimplemented") {
+        "The runtime lacks an operator the model uses, so devices running it cannot serve the model whatever its inputs."
+    } else if free {
+        "Give --golden with real inputs (a v2 infer request), or pin the free dimensions with --input-shape NAME=D1,D2,.."
+    } else {
+        "Give --golden with real inputs (a v2 infer request)."
+    }
+}
+
+/// Devices test a bundle without golden inputs on smoke inputs made from its signature
+/// ([`flotilla_runtime::smoke`]); try exactly that here, so that a bundle every device would
+/// refuse is refused now, with the reason. The latency budget is judged on the devices (this
+/// machine is rarely one of them): here an over-budget median is a warning.
+fn smoke_trial(
+    runtimes: &Runtimes,
+    model: &[u8],
+    sig: &mut ModelSignature,
+    settings: &RuntimeSettings,
+    health: &HealthChecks,
+    warnings: &mut Vec<String>,
+) -> Result<SelfTestTrial, BuildError> {
+    let inputs = flotilla_runtime::smoke::describe(sig);
+    let free = sig.inputs.iter().any(|s| s.shape.iter().any(|d| matches!(d, Dim::Symbolic(_))));
+    let budget = match health.latency_budget_us {
+        Some(b) => format!(" and judge --latency-budget {b} µs on its median"),
+        None => String::new(),
+    };
+    let smoke = flotilla_runtime::smoke::inputs(sig).map_err(|e| {
+        BuildError::Input(format!(
+            "without --golden, devices run the model on inputs made from its signature{budget}, and none can be made for this model ({e}). {}",
+            self_test_advice(free, &e)
+        ))
+    })?;
+    let settings = RuntimeSettings { delegate: None, accelerator_required: false, ..settings.clone() };
+    let loaded = match runtimes.load(model, sig, &settings) {
+        Ok(m) => m,
+        Err(e) if sig.format == ModelFormat::Tflite && !runtimes.names().contains(&"tflite") => {
+            warnings.push(format!(
+                "the smoke self-test ({inputs}) could not be tried here ({e}); set FLOTILLA_TFLITE_LIB to try it with the TensorFlow Lite library devices use"
+            ));
+            return Ok(SelfTestTrial { kind: SelfTestKind::Smoke, inputs, here: None });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let fails_here = |e: String| {
+        BuildError::Input(format!(
+            "without --golden, devices run the model on inputs made from its signature{budget} before it may serve, and it fails that here: {e}. {}",
+            self_test_advice(free, &e)
+        ))
+    };
+    let outputs = flotilla_runtime::run(loaded.as_ref(), check_inputs(&sig.inputs, smoke.clone())?)
+        .map_err(|e| fails_here(format!("smoke input ({inputs}): {e}")))?;
+    warnings.extend(reconcile_outputs(sig, &smoke, &outputs)?);
+    warnings.extend(cross_check(runtimes, model, sig, &settings, loaded.backend(), &smoke, &outputs, health));
+    let here = HealthChecks { latency_budget_us: None, ..health.clone() };
+    let t = flotilla_runtime::selftest::run(loaded.as_ref(), sig, &here, None).map_err(fails_here)?;
+    if let Some(b) = health.latency_budget_us
+        && t.median_us > b
+    {
+        warnings.push(format!(
+            "the smoke self-test's median here is {} µs ({}), over the latency budget of {b} µs: devices no faster than this machine will refuse the bundle",
+            t.median_us,
+            loaded.backend()
+        ));
+    }
+    Ok(SelfTestTrial { kind: SelfTestKind::Smoke, inputs, here: Some((loaded.backend().to_string(), t.median_us)) })
+}
+
+/// A smoke test sees whether a model runs, not whether its values are right. Where this machine
+/// has more than one runtime for the model's format (TFLite with the library: `tflite` and
+/// `tract-tflite`), each other runtime runs the same smoke input: devices with only that one
+/// would compute what it computes. Returns a warning for each that disagrees or cannot run it.
+#[allow(clippy::too_many_arguments)]
+fn cross_check(
+    runtimes: &Runtimes,
+    model: &[u8],
+    sig: &ModelSignature,
+    settings: &RuntimeSettings,
+    first: &str,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+    health: &HealthChecks,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for other in runtimes.names().into_iter().filter(|&n| n != first) {
+        let only = RuntimeSettings { backends: vec![other.to_string()], ..settings.clone() };
+        let theirs = match runtimes.load(model, sig, &only) {
+            Ok(m) => flotilla_runtime::run(m.as_ref(), inputs.to_vec()),
+            Err(flotilla_runtime::RuntimeError::NoBackend(_)) => continue, // not for this format
+            Err(e) => Err(e),
+        };
+        match theirs {
+            Err(e) => warnings.push(format!(
+                "devices without {first} run this model on {other}, which fails on it ({e}): they will refuse the bundle"
+            )),
+            Ok(theirs) => {
+                for want in outputs {
+                    let diff = theirs
+                        .iter()
+                        .find(|t| t.name == want.name)
+                        .filter(|t| t.shape == want.shape)
+                        .map_or(f64::INFINITY, |t| scaled_diff(&t.data.to_f64(), &want.data.to_f64()));
+                    if diff > health.golden_tolerance {
+                        warnings.push(format!(
+                            "{first} and {other} disagree on the smoke input: output {:?} differs by {diff:.3e}. Devices without {first} run it on {other}; give --golden with reference outputs (e.g. from your training framework) so that a device computing it wrongly refuses it, or ask for --backend {first}",
+                            want.name
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    warnings
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     flotilla_bundle::manifest::check_label("bundle name", &opts.name)?;
-    let model_signature = signature(opts)?;
+    let mut model_signature = signature(opts)?;
+    let runtimes = reference_runtimes(opts.tflite_lib.as_deref())?;
     let runtime = RuntimeSettings {
         backends: opts.backends.clone(),
         threads: opts.threads,
@@ -181,9 +405,21 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         delta_base: opts.delta_base.clone(),
         with_full: !opts.delta_only,
     }];
+    let health = HealthChecks {
+        golden_tolerance: opts.golden_tolerance,
+        latency_budget_us: opts.latency_budget_us,
+        bake_secs: opts.bake_secs,
+        max_error_rate: opts.max_error_rate,
+        max_latency_p95_us: opts.max_latency_p95_us,
+        ..HealthChecks::default()
+    };
     let mut warnings = Vec::new();
-    if !opts.golden.is_empty() || !opts.golden_reference.is_empty() {
+    let self_test;
+    if opts.golden.is_empty() && opts.golden_reference.is_empty() {
+        self_test = smoke_trial(&runtimes, &opts.model, &mut model_signature, &runtime, &health, &mut warnings)?;
+    } else {
         let (set, w) = golden::compute(
+            &runtimes,
             &opts.model,
             &model_signature,
             &runtime,
@@ -191,7 +427,18 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
             &opts.golden_reference,
             opts.golden_tolerance,
         )?;
-        warnings = w;
+        warnings.extend(w);
+        for case in &set.cases {
+            let decode = |ts: &[flotilla_bundle::golden::TensorData]| {
+                ts.iter().map(Tensor::from_golden).collect::<Result<Vec<_>, _>>()
+            };
+            warnings.extend(reconcile_outputs(&mut model_signature, &decode(&case.inputs)?, &decode(&case.outputs)?)?);
+        }
+        self_test = SelfTestTrial {
+            kind: SelfTestKind::Golden,
+            inputs: format!("{} golden case{}", set.cases.len(), if set.cases.len() == 1 { "" } else { "s" }),
+            here: None,
+        };
         artifacts.push(ArtifactInput {
             name: "golden".into(),
             role: Role::Golden,
@@ -203,7 +450,9 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
     }
     let mut profile = None;
     let computed = match &opts.drift {
-        Some((reference, drift)) => Some(baseline::profile(&opts.model, &model_signature, &runtime, reference, drift)?),
+        Some((reference, drift)) => {
+            Some(baseline::profile(&runtimes, &opts.model, &model_signature, &runtime, reference, drift)?)
+        }
         None => opts.profile.clone(),
     };
     if let Some(p) = computed {
@@ -228,18 +477,11 @@ pub fn build(opts: &BuildOptions) -> Result<Built, BuildError> {
         artifacts: vec![],
         target: Target::default(),
         runtime,
-        health: HealthChecks {
-            golden_tolerance: opts.golden_tolerance,
-            latency_budget_us: opts.latency_budget_us,
-            bake_secs: opts.bake_secs,
-            max_error_rate: opts.max_error_rate,
-            max_latency_p95_us: opts.max_latency_p95_us,
-            ..HealthChecks::default()
-        },
+        health,
     };
     let mut bytes = Vec::new();
     let manifest = write_bundle(manifest, &artifacts, opts.zstd_level, &mut bytes)?;
-    Ok(Built { manifest, bytes, warnings, profile })
+    Ok(Built { manifest, bytes, warnings, profile, self_test })
 }
 
 /// The model content of an existing bundle (the base for `--delta-from`), checked against the
@@ -310,9 +552,4 @@ pub fn successor_of(
 /// Check golden inputs against the signature (used before running them).
 pub(crate) fn checked(sig: &ModelSignature, case: &[Tensor]) -> Result<Vec<Tensor>, BuildError> {
     check_inputs(&sig.inputs, case.to_vec()).map_err(|e| BuildError::Input(format!("golden input: {e}")))
-}
-
-/// Convenience for callers that hold the runtime registry.
-pub fn default_runtimes() -> Runtimes {
-    Runtimes::default()
 }

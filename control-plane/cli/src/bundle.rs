@@ -21,8 +21,10 @@ use crate::output::{self, Output};
 pub enum BundleCmd {
     /// Build an unsigned bundle from a model file (ONNX or TFLite, told apart by content, not
     /// name). Records the model's inputs and outputs; symbolic dimensions (e.g. batch N) stay
-    /// symbolic unless pinned. Golden outputs come from tract, or from the TFLite library at
-    /// $FLOTILLA_TFLITE_LIB for TFLite models when it is set.
+    /// symbolic unless pinned, and unnamed ones (`?`, -1) are each free on their own. Golden
+    /// outputs come from tract, or from the TFLite library (--tflite-lib) for TFLite models.
+    /// Without --golden, every device self-tests the model on smoke inputs made from its
+    /// signature; the build tries that here first and refuses a model that fails it.
     Build {
         #[arg(long)]
         name: String,
@@ -41,10 +43,13 @@ pub enum BundleCmd {
         /// is caught. Every device checks them before activation. Repeatable.
         #[arg(long, value_name = "FILE")]
         golden: Vec<PathBuf>,
-        /// Largest allowed difference between golden and device outputs.
+        /// Largest allowed difference between golden and device outputs: absolute for values
+        /// up to 1 in magnitude, relative above (a box at pixel 300 may differ by 0.03).
         #[arg(long, default_value_t = 1e-4)]
         golden_tolerance: f64,
-        /// Median self-test latency budget on the device, e.g. 50ms.
+        /// Median self-test latency budget on the device, e.g. 50ms: judged on the golden cases,
+        /// or without --golden on smoke inputs made from the signature (free dimensions 1 at axis
+        /// 0, else 32).
         #[arg(long, value_name = "DURATION")]
         latency_budget: Option<String>,
         /// Bake period after activation, e.g. 10m: the device watches the model this long
@@ -72,6 +77,11 @@ pub enum BundleCmd {
         /// Interpreter threads on the device (default: the runtime's).
         #[arg(long)]
         threads: Option<u32>,
+        /// The TensorFlow Lite C library to run TFLite models with here (golden outputs, drift
+        /// baseline, smoke trial), as devices that have it do; tract-tflite runs them too, and
+        /// the build warns where the two disagree.
+        #[arg(long, value_name = "LIB.so", env = "FLOTILLA_TFLITE_LIB")]
+        tflite_lib: Option<PathBuf>,
         /// Expiry: RFC 3339 time or a duration from now (30d, 12h).
         #[arg(long)]
         expires: Option<String>,
@@ -126,7 +136,9 @@ pub struct DriftArgs {
     /// True classes of the baseline samples (`.npy` or one per line): the accuracy baseline.
     #[arg(long, value_name = "FILE", requires = "baseline")]
     pub baseline_labels: Option<PathBuf>,
-    /// Report window: a time (`30s`, `5m`; aligned across devices) or a number of inferences.
+    /// Report window: a time (`30s`, `5m`; aligned across devices) or a number of inferences
+    /// (`200`: each device reports every 200; the control plane merges reports of a cohort that
+    /// arrive together, and a device's next report starts the cohort's next window).
     #[arg(long, value_name = "WINDOW", default_value = "60s", requires = "baseline")]
     pub drift_window: String,
     /// Alert threshold, METRIC=VALUE with METRIC one of psi, js, ks, wasserstein (repeatable;
@@ -259,6 +271,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             delegate,
             accelerator_required,
             threads,
+            tflite_lib,
             expires,
             delta_from,
             delta_only,
@@ -284,6 +297,7 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
             opts.delegate = delegate;
             opts.accelerator_required = accelerator_required;
             opts.threads = threads;
+            opts.tflite_lib = tflite_lib;
             opts.expires = expires.map(|e| parse_time(&e, now)).transpose()?;
             opts.delta_only = delta_only;
             if let Some(old) = &delta_from {
@@ -315,6 +329,12 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                     "bundle": path, "name": m.name, "version": m.version, "size": built.bytes.len(),
                     "golden_cases": opts.golden.len() + opts.golden_reference.len(), "warnings": built.warnings, "signed": false, "delta": opts.delta_base.is_some(),
                     "drift_signals": built.profile.as_ref().map(|p| p.signals.iter().map(|s| s.signal.name.clone()).collect::<Vec<_>>()),
+                    "self_test": {
+                        "kind": built.self_test.kind.as_str(), "inputs": built.self_test.inputs,
+                        "backend_here": built.self_test.here.as_ref().map(|h| &h.0),
+                        "median_us_here": built.self_test.here.as_ref().map(|h| h.1),
+                        "latency_budget_us": m.health.latency_budget_us,
+                    },
                 })),
                 Output::Table => {
                     println!(
@@ -331,6 +351,16 @@ pub fn run(cmd: BundleCmd, server: Option<&str>, out: Output) -> anyhow::Result<
                         println!("  output {} {} [{}]", t.name, t.dtype.as_str(), dims(&t.shape));
                     }
                     println!("  golden cases: {}", opts.golden.len() + opts.golden_reference.len());
+                    let t = &built.self_test;
+                    let here = match &t.here {
+                        Some((backend, us)) => format!("; here {} median on {backend}", crate::output::micros(*us)),
+                        None => String::new(),
+                    };
+                    let budget = m
+                        .health
+                        .latency_budget_us
+                        .map_or(String::new(), |b| format!(", latency budget {}", crate::output::micros(b)));
+                    println!("  self-test on every device: {} on {}{budget}{here}", t.kind.as_str(), t.inputs);
                     if let Some(a) = m.artifact(flotilla_bundle::manifest::Role::Model)
                         && let flotilla_bundle::manifest::Encoding::ZstdPatch { base_sha256 } = &a.encoding
                     {
@@ -482,6 +512,13 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
     let (doc, data_offset) = read_envelope(&mut f)?;
     let m = decode_manifest(&doc.signed)?;
     let file_size = f.metadata()?.len();
+    let golden_cases = match m.artifact(Role::Golden) {
+        Some(a) => {
+            let bytes = flotilla_bundle::format::extract_artifact_to_vec(&mut f, data_offset, a, None, 1 << 30)?;
+            Some(flotilla_bundle::golden::GoldenSet::decode(&bytes)?.cases.len())
+        }
+        None => None,
+    };
     let view = serde_json::json!({
         "name": m.name,
         "version": m.version,
@@ -504,6 +541,11 @@ fn inspect(path: &Path, out: Output) -> anyhow::Result<()> {
         },
         "runtime": {"backends": m.runtime.backends, "threads": m.runtime.threads, "delegate": m.runtime.delegate, "accelerator_required": m.runtime.accelerator_required},
         "health": {"golden_tolerance": m.health.golden_tolerance, "latency_budget_us": m.health.latency_budget_us, "bake_secs": m.health.bake_secs, "max_error_rate": m.health.max_error_rate, "max_latency_p95_us": m.health.max_latency_p95_us, "golden": m.artifact(Role::Golden).is_some()},
+        // What every device runs the model on before it may serve.
+        "self_test": match golden_cases {
+            Some(n) => serde_json::json!({"kind": "golden", "cases": n}),
+            None => serde_json::json!({"kind": "smoke", "inputs": flotilla_runtime::smoke::describe(&m.model), "warmup_runs": m.health.warmup_runs, "timed_runs": flotilla_runtime::selftest::TIMED_RUNS}),
+        },
         "signatures": doc.signatures.iter().map(|s| &s.keyid.0).collect::<Vec<_>>(),
         "data_offset": data_offset,
     });

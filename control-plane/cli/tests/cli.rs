@@ -92,6 +92,7 @@ async fn operator_workflow_through_the_cli() {
     assert_eq!(inspect["name"], "digits");
     assert_eq!(inspect["inputs"][0]["shape"], "N,1,8,8");
     assert_eq!(inspect["health"]["golden"], true);
+    assert_eq!(inspect["self_test"], serde_json::json!({"kind": "golden", "cases": 1}));
     assert_eq!(inspect["signatures"].as_array().unwrap().len(), 0);
 
     // Unsigned: verify fails with a non-zero exit and says why.
@@ -125,6 +126,8 @@ async fn operator_workflow_through_the_cli() {
     let inspect: serde_json::Value =
         serde_json::from_str(&ok(&["bundle", "inspect", s(&pinned), "-o", "json"], None)).unwrap();
     assert_eq!(inspect["inputs"][0]["shape"], "4,1,8,8");
+    assert_eq!(inspect["self_test"]["kind"], "smoke", "no golden inputs: devices make their own");
+    assert_eq!(inspect["self_test"]["inputs"], "input=[4,1,8,8]");
     let out = flotilla(
         &[
             "bundle",
@@ -823,4 +826,47 @@ async fn contexts_tokens_yaml_and_completions() {
     let completions = run(&["completions", "bash"]);
     assert!(String::from_utf8_lossy(&completions.stdout).contains("_flotilla()"));
     fleet.shutdown().await;
+}
+
+/// A real model that runs on no made-up input: openWakeWord's melspectrogram (silero's project,
+/// from PyPI) needs at least a frame of audio, and 32 samples are not one. Without golden inputs
+/// the build refuses it, naming what to give instead, with or without a latency budget; with a
+/// real input as golden it builds, and that is what devices will run.
+#[test]
+fn a_model_that_runs_on_no_made_up_input_needs_golden_inputs() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let assets = repo.join("target/test-assets/onnx");
+    let fetched =
+        Command::new("bash").arg(repo.join("agent/runtime/assets/fetch-onnx.sh")).arg(&assets).output().unwrap();
+    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    let model = assets.join("models/openwakeword/melspectrogram.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mel.flb");
+    let build = |extra: &[&str]| {
+        let mut args =
+            vec!["bundle", "build", "--name", "mel", "--version", "1", "--model", s(&model), "--out", s(&out)];
+        args.extend_from_slice(extra);
+        flotilla(&args, None)
+    };
+    for extra in [&["--latency-budget", "1ms"][..], &[]] {
+        let refused = build(extra);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{extra:?}");
+        assert!(
+            err.contains("smoke input (input=[1,32])") && err.contains("--golden") && err.contains("--input-shape"),
+            "{err}"
+        );
+        assert_eq!(err.contains("--latency-budget 1000"), !extra.is_empty(), "{err}");
+        assert!(!out.exists());
+    }
+    let samples: Vec<f32> = (0..1280).map(|i| (i as f32 * 0.05).sin() * 3000.0).collect();
+    let golden = dir.path().join("golden.json");
+    let request =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 1280], "datatype": "FP32", "data": samples}]});
+    std::fs::write(&golden, request.to_string()).unwrap();
+    let built = build(&["--latency-budget", "1s", "--golden", s(&golden)]);
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["bundle", "inspect", s(&out), "-o", "json"], None)).unwrap();
+    assert_eq!(inspect["self_test"], serde_json::json!({"kind": "golden", "cases": 1}));
 }

@@ -152,6 +152,8 @@ fn on_state(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
                         model_sha256: m.model_sha256.clone(),
                         delegated_nodes: m.delegated_nodes,
                         cpu_nodes: m.cpu_nodes,
+                        self_test: m.self_test.clone(),
+                        self_test_median_us: m.self_test_median_us,
                     })
                     .collect::<Vec<_>>(),
             )

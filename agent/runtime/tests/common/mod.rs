@@ -22,13 +22,12 @@ impl RefTensor {
     }
 }
 
-/// `target/test-assets/{kind}`, made by `assets/{script}` when its `reference.json` is missing.
+/// `target/test-assets/{kind}`, made by `assets/{script}` unless it already made it (the script
+/// checks its own recipe, so a changed script refetches).
 pub fn fetch_assets(kind: &str, script: &str) -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = crate_dir.join("../../target/test-assets").join(kind);
-    if !dir.join("models/reference.json").exists() {
-        let status = Command::new("bash").arg(crate_dir.join("assets").join(script)).arg(&dir).status().unwrap();
-        assert!(status.success(), "assets/{script} failed ({status})");
-    }
+    let out = Command::new("bash").arg(crate_dir.join("assets").join(script)).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "assets/{script} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     dir
 }
