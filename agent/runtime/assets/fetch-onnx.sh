@@ -19,28 +19,17 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
 dest="${1:-$repo/target/test-assets/onnx}"
-python="${PYTHON:-python3}"
+script="${BASH_SOURCE[0]}"
+generator="$here/make_onnx_reference.py"
+# shellcheck source=common.sh
+source "$here/common.sh"
 
 report() {
     echo "models:    $dest/models"
     echo "reference: $dest/models/reference.json"
 }
 
-# What the cache was made by: refetch when this script or its reference generator changed.
-recipe="$(cat "${BASH_SOURCE[0]}" "$here/make_onnx_reference.py" | sha256sum | cut -d' ' -f1)"
-if [[ -f "$dest/models/reference.json" && "$(cat "$dest/recipe" 2>/dev/null)" == "$recipe" ]]; then
-    report
-    exit 0
-fi
-
-mkdir -p "$(dirname "$dest")"
-work="$(mktemp -d "$dest.tmp.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-
-pip_download() {
-    "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
-        --only-binary=:all: --dest "$work/wheels" "$@"
-}
+assets_begin
 
 pip_download silero-vad==5.1.2 openwakeword==0.4.0
 if ! "$python" -c 'import onnxruntime, numpy' 2>/dev/null; then
@@ -60,12 +49,5 @@ cp "$work"/unpacked/silero_vad/data/*.onnx "$work/models/silero_vad/"
 cp "$work"/unpacked/openwakeword/resources/models/*.onnx "$work/models/openwakeword/"
 rm -rf "$work/unpacked" "$work/wheels"
 
-PYTHONPATH="$work/python" "$python" "$here/make_onnx_reference.py" "$work/models" > "$work/models/reference.json.part"
-mv "$work/models/reference.json.part" "$work/models/reference.json"
-rm -rf "$work/python" # only the reference needed it
-
-echo "$recipe" > "$work/recipe"
-rm -rf "$dest"
-mv "$work" "$dest"
-trap - EXIT
-report
+assets_reference
+assets_finish

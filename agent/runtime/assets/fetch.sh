@@ -17,7 +17,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
 dest="${1:-$repo/target/test-assets/tflite}"
-python="${PYTHON:-python3}"
+script="${BASH_SOURCE[0]}"
+generator="$here/make_reference.py"
+# shellcheck source=common.sh
+source "$here/common.sh"
 
 report() {
     echo "library:   $dest/lib/libtensorflowlite_c.so"
@@ -25,21 +28,7 @@ report() {
     echo "reference: $dest/models/reference.json"
 }
 
-# What the cache was made by: refetch when this script or its reference generator changed.
-recipe="$(cat "${BASH_SOURCE[0]}" "$here/make_reference.py" | sha256sum | cut -d' ' -f1)"
-if [[ -f "$dest/models/reference.json" && "$(cat "$dest/recipe" 2>/dev/null)" == "$recipe" ]]; then
-    report
-    exit 0
-fi
-
-mkdir -p "$(dirname "$dest")"
-work="$(mktemp -d "$dest.tmp.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-
-pip_download() {
-    "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
-        --only-binary=:all: --dest "$work/wheels" "$@"
-}
+assets_begin
 
 pip_download pymicro-wakeword==2.5.0 pyopen-wakeword==1.1.0 ai-edge-litert==2.3.0
 if ! "$python" -c 'import numpy' 2>/dev/null; then
@@ -59,12 +48,5 @@ cp "$work"/unpacked/pyopen_wakeword/models/*.tflite "$work/models/openwakeword/"
 cp "$work"/unpacked/pymicro_wakeword/models/*.tflite "$work/models/microwakeword/"
 rm -rf "$work/unpacked" "$work/wheels"
 
-PYTHONPATH="$work/python" "$python" "$here/make_reference.py" "$work/models" > "$work/models/reference.json.part"
-mv "$work/models/reference.json.part" "$work/models/reference.json"
-rm -rf "$work/python" # only the reference needed it
-
-echo "$recipe" > "$work/recipe"
-rm -rf "$dest"
-mv "$work" "$dest"
-trap - EXIT
-report
+assets_reference
+assets_finish
