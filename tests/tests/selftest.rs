@@ -69,7 +69,7 @@ async fn anonymous_dimensions_serve_every_size_after_a_smoke_self_test() {
         if *name == "ocr-rec" {
             // Declared [-1, 25, 6625]; a 32-pixel-wide line gives 8 steps, not 25.
             assert!(
-                built.warnings.iter().any(|w| w.contains("declared [") && w.contains("25")),
+                built.warnings.iter().any(|w| w.contains("is declared FP32 [") && w.contains(",25,")),
                 "{:?}",
                 built.warnings
             );

@@ -116,8 +116,9 @@ pub fn run(
             if over * 2 > planned {
                 times.sort_unstable();
                 return Err(format!(
-                    "the {} self-test is over the budget of {budget} µs: {over} of its {planned} timed runs took longer (the fastest {} µs)",
+                    "the {} self-test is over the budget of {budget} µs: {over} of the first {} of its {planned} timed runs took longer (the fastest {} µs)",
                     kind.as_str(),
+                    times.len(),
                     times[0]
                 ));
             }

@@ -189,7 +189,8 @@ pub fn check_inputs(spec: &[TensorSpec], mut inputs: Vec<Tensor>) -> Result<Vec<
         )));
     }
     let mut ordered = Vec::with_capacity(spec.len());
-    let mut bound: Vec<(&str, usize)> = Vec::new();
+    // Named dimensions seen so far: (name, size, the input that gave it).
+    let mut bound: Vec<(&str, usize, &str)> = Vec::new();
     for s in spec {
         let pos = inputs.iter().position(|t| t.name == s.name).ok_or_else(|| {
             RuntimeError::BadInput(format!("missing input {:?} (the model takes {})", s.name, names(spec)))
@@ -221,15 +222,15 @@ pub fn check_inputs(spec: &[TensorSpec], mut inputs: Vec<Tensor>) -> Result<Vec<
                 return Err(shape_err());
             }
             let Some(sym) = want.symbol() else { continue };
-            match bound.iter().find(|(n, _)| *n == sym) {
-                Some((_, v)) if v != have => {
+            match bound.iter().find(|(n, _, _)| *n == sym) {
+                Some((_, v, first)) if v != have => {
                     return Err(RuntimeError::BadInput(format!(
-                        "dimension {sym} is {v} in one input and {have} in input {:?}",
+                        "dimension {sym} is {v} in input {first:?} and {have} in input {:?}",
                         s.name
                     )));
                 }
                 Some(_) => {}
-                None => bound.push((sym, *have)),
+                None => bound.push((sym, *have, s.name.as_str())),
             }
         }
         ordered.push(t);
@@ -268,7 +269,7 @@ mod tests {
         check_inputs(&sig, vec![t("b", &[2, 7]), t("a", &[2, 48, 192])]).unwrap();
         assert_eq!(
             err(&sig, vec![t("a", &[1, 48, 192]), t("b", &[2, 7])]),
-            "dimension N is 1 in one input and 2 in input \"b\""
+            "dimension N is 1 in input \"a\" and 2 in input \"b\""
         );
     }
 

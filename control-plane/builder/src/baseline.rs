@@ -332,11 +332,12 @@ pub fn signals(sig: &ModelSignature, opts: &DriftOptions) -> Result<Vec<(Signal,
             }
         }
     }
-    // The first classifier-like output ([N, C], C ≥ 2): predicted class, confidence, accuracy.
+    // The first classifier-like output ([N, C], 2 ≤ C ≤ MAX_BINS): predicted class, confidence,
+    // accuracy. A wider one is an embedding (a 2048-wide audio feature), not C classes.
     if let Some(o) = sig.outputs.iter().find(|o| {
         matches!(o.dtype, DType::F32 | DType::F64 | DType::F16)
             && o.shape.len() == 2
-            && fixed(&o.shape[1]).is_some_and(|c| c >= 2)
+            && fixed(&o.shape[1]).is_some_and(|c| (2..=flotilla_drift::MAX_BINS).contains(&c))
     }) {
         let classes = fixed(&o.shape[1]).unwrap_or(2) as u32;
         out.push((
@@ -521,6 +522,13 @@ mod tests {
         assert_eq!(names(&signals(&seq, &DriftOptions::default()).unwrap())[0], "x.mean");
         let opts = DriftOptions { inputs: vec![("x".into(), Reduction::ChannelMean(None))], ..DriftOptions::default() };
         assert!(signals(&seq, &opts).unwrap_err().to_string().contains("not a fixed dimension"));
+        // A 2048-wide output is no classifier (a histogram holds at most 1024 classes).
+        let emb = ModelSignature {
+            format: ModelFormat::Onnx,
+            inputs: vec![spec("x", DType::F32, &[f(1), f(1), f(149), f(64)])],
+            outputs: vec![spec("feature_output", DType::F32, &[f(1), f(2048)])],
+        };
+        assert_eq!(names(&signals(&emb, &DriftOptions::default()).unwrap()), ["x.c0"]);
         assert!(Reduction::parse("x=median").is_err());
     }
 

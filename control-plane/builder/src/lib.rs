@@ -199,10 +199,11 @@ pub struct SelfTestTrial {
 }
 
 /// Exporters leave stale output shapes behind (ddddocr's OCR model declares `[1, 19]` and gives
-/// `[1, 4]` for a short image): where what the model gave for `inputs` contradicts a dimension
-/// its outputs declare, that dimension becomes anonymous in the signature, so that the bundle
-/// tells devices and apps the truth. A different rank or datatype is an error: no shape can say
-/// that. Returns a warning per change.
+/// `[1, 4]` for a short image; its successor declares `[1, seqlen]` and gives `[4, 1, 8210]`):
+/// where what the model gave for `inputs` contradicts a dimension its outputs declare, that
+/// dimension becomes anonymous in the signature, so that the bundle tells devices and apps the
+/// truth; a different rank or datatype replaces the declaration with what came back, every
+/// dimension free. Returns a warning per change.
 pub fn reconcile_outputs(
     sig: &mut ModelSignature,
     inputs: &[Tensor],
@@ -226,37 +227,38 @@ pub fn reconcile_outputs(
     for spec in &mut sig.outputs {
         // (Golden reference cases may list only some outputs; a smoke run's are checked after.)
         let Some(t) = outputs.iter().find(|t| t.name == spec.name) else { continue };
-        if t.data.dtype() != spec.dtype || t.shape.len() != spec.shape.len() {
-            return Err(BuildError::Input(format!(
-                "output {:?} came back as {} {:?}, but the model declares {} [{}]",
-                spec.name,
-                t.data.dtype().as_str(),
-                t.shape,
-                spec.dtype.as_str(),
-                dims_text(&spec.shape)
-            )));
-        }
-        let declared = dims_text(&spec.shape);
+        let fresh = |axis: usize| {
+            let mut name = format!("{}_{axis}", spec.name);
+            while taken.contains(&name) {
+                name.push('_');
+            }
+            Dim::Symbolic(name)
+        };
+        let declared = format!("{} [{}]", spec.dtype.as_str(), dims_text(&spec.shape));
         let mut changed = false;
+        if t.data.dtype() != spec.dtype || t.shape.len() != spec.shape.len() {
+            // Nothing of the declaration holds: what the model gave, every dimension free.
+            spec.dtype = t.data.dtype();
+            spec.shape = (0..t.shape.len()).map(fresh).collect();
+            changed = true;
+        }
         for (axis, (d, &size)) in spec.shape.iter_mut().zip(&t.shape).enumerate() {
             let want = match d {
                 Dim::Fixed(n) => Some(*n as usize),
                 _ => d.symbol().and_then(|name| bound.get(name).copied()),
             };
             if want.is_some_and(|w| w != size) {
-                let mut name = format!("{}_{axis}", spec.name);
-                while taken.contains(&name) {
-                    name.push('_');
-                }
-                *d = Dim::Symbolic(name);
+                *d = fresh(axis);
                 changed = true;
             }
         }
         if changed {
             warnings.push(format!(
-                "output {:?} is declared [{declared}] but came back {:?}: recorded as [{}] (dimensions the model contradicts are left free)",
+                "output {:?} is declared {declared} but came back {} {:?}: recorded as {} [{}] (what the model contradicts is left free)",
                 spec.name,
+                t.data.dtype().as_str(),
                 t.shape,
+                spec.dtype.as_str(),
                 dims_text(&spec.shape)
             ));
         }
@@ -552,4 +554,47 @@ pub fn successor_of(
 /// Check golden inputs against the signature (used before running them).
 pub(crate) fn checked(sig: &ModelSignature, case: &[Tensor]) -> Result<Vec<Tensor>, BuildError> {
     check_inputs(&sig.inputs, case.to_vec()).map_err(|e| BuildError::Input(format!("golden input: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_bundle::manifest::{DType, TensorSpec};
+    use flotilla_runtime::TensorData;
+
+    fn spec(name: &str, dtype: DType, shape: Vec<Dim>) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape }
+    }
+
+    #[test]
+    fn outputs_record_what_the_model_gives_where_it_contradicts_its_declaration() {
+        let sym = |s: &str| Dim::Symbolic(s.into());
+        let mut sig = ModelSignature {
+            format: ModelFormat::Onnx,
+            inputs: vec![spec("x", DType::F32, vec![sym("N"), Dim::Fixed(3)])],
+            outputs: vec![
+                spec("ok", DType::F32, vec![sym("N"), Dim::Fixed(2)]),
+                spec("stale", DType::F32, vec![sym("N"), Dim::Fixed(19)]),
+                spec("rank", DType::F32, vec![Dim::Fixed(1), sym("seqlen")]),
+                spec("missing", DType::F32, vec![sym("N")]),
+            ],
+        };
+        let x = Tensor::new("x", vec![2, 3], TensorData::F32(vec![0.0; 6])).unwrap();
+        let out = |name: &str, shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Tensor::new(name, shape, TensorData::F32(vec![0.0; n])).unwrap()
+        };
+        let warnings = reconcile_outputs(
+            &mut sig,
+            &[x],
+            &[out("ok", vec![2, 2]), out("stale", vec![2, 4]), out("rank", vec![4, 1, 8210])],
+        )
+        .unwrap();
+        assert_eq!(sig.outputs[0].shape, [sym("N"), Dim::Fixed(2)], "what holds stays");
+        assert_eq!(sig.outputs[1].shape, [sym("N"), sym("stale_1")]);
+        assert_eq!(sig.outputs[2].shape, [sym("rank_0"), sym("rank_1"), sym("rank_2")]);
+        assert_eq!(sig.outputs[3].shape, [sym("N")], "an output a golden case leaves out is left alone");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[1].contains("declared FP32 [1,seqlen] but came back FP32 [4, 1, 8210]"), "{warnings:?}");
+    }
 }
