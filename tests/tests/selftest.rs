@@ -171,3 +171,87 @@ fn a_build_says_where_two_runtimes_disagree_on_the_smoke_input() {
     let built = flotilla_builder::build(&opts).unwrap();
     assert!(built.warnings.iter().all(|w| !w.contains("disagree")), "{:?}", built.warnings);
 }
+
+/// Agents before the smoke self-test installed bundles without golden inputs untested. Such a
+/// model that fails its smoke test (openWakeWord's melspectrogram needs at least a frame of
+/// audio, 32 samples are none) is refused by an install now, but one already installed keeps
+/// serving after the upgrade: what an install accepts is decided at the install.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_an_older_agent_installed_untested_keeps_serving_after_the_upgrade() {
+    use flotilla_bundle::manifest::{HealthChecks, MANIFEST_SCHEMA, MANIFEST_TYPE, Manifest, Role};
+    use sha2::Digest;
+    let onnx = flotilla_tests::test_assets("onnx", "fetch-onnx.sh");
+    let mel = std::fs::read(onnx.join("models/openwakeword/melspectrogram.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start(dir.path(), 1).await.unwrap();
+
+    // The bundle as builders before the smoke self-test wrote it: no golden inputs, no trial.
+    let manifest = Manifest {
+        kind: MANIFEST_TYPE.into(),
+        schema: MANIFEST_SCHEMA,
+        name: "mel".into(),
+        version: 1,
+        created: unix_now(),
+        expires: None,
+        model: flotilla_runtime::tract_onnx::inspect_onnx(&mel).unwrap(),
+        artifacts: vec![],
+        target: Default::default(),
+        runtime: Default::default(),
+        health: HealthChecks::default(),
+    };
+    let artifact = flotilla_bundle::writer::ArtifactInput {
+        name: "model".into(),
+        role: Role::Model,
+        media_type: "application/onnx".into(),
+        content: mel.clone(),
+        delta_base: None,
+        with_full: false,
+    };
+    let mut bytes = Vec::new();
+    flotilla_bundle::writer::write_bundle(manifest, &[artifact], 3, &mut bytes).unwrap();
+    let signed = flotilla_demo::sign(&bytes, &fleet.key).unwrap();
+
+    // This agent refuses to install it.
+    fleet.push(signed.clone()).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("mel@1").await.unwrap(), T).await.unwrap();
+    assert_eq!(r.state, "paused", "{r:?}");
+    let reason = r.devices[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("smoke input (input=[1,32])"), "{reason}");
+
+    // What an older agent did: activate it untested. Then the upgraded agent starts.
+    fleet.kill_agent("dev-0").await;
+    let data = fleet.agent_config("dev-0").data_dir;
+    let (_, data_offset) = flotilla_bundle::format::parse_envelope(&signed).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&mel));
+    flotilla_agent::blobs::BlobStore::open(&data)
+        .unwrap()
+        .import(&sha, |f| Ok(std::io::Write::write_all(f, &mel)?))
+        .unwrap();
+    let installed = flotilla_agent::state::Installed {
+        name: "mel".into(),
+        version: 1,
+        head: signed[..data_offset as usize].to_vec(),
+        model_blob: sha,
+        golden_blob: None,
+    };
+    let mut state = flotilla_agent::state::State::open(&data.join("state.db")).unwrap();
+    state.activate(&installed, "installed-by-an-older-agent", unix_now()).unwrap();
+    drop(state);
+    fleet.start_agent("dev-0").await.unwrap();
+
+    let meta = fleet.model_metadata("dev-0", "mel").await.unwrap();
+    assert_eq!((meta.versions[0].as_str(), meta.self_test.as_ref()), ("1", None), "served, and no self-test passed");
+    let samples: Vec<f32> = (0..1280).map(|i| (i as f32 * 0.05).sin() * 3000.0).collect();
+    let req = InferRequest {
+        id: None,
+        inputs: vec![InferTensor {
+            name: "input".into(),
+            shape: vec![1, 1280],
+            datatype: "FP32".into(),
+            data: serde_json::json!(samples),
+        }],
+    };
+    let resp = fleet.infer("dev-0", "mel", &req).await.unwrap();
+    assert_eq!(resp.outputs[0].shape, [1, 1, 5, 32]);
+    fleet.shutdown().await;
+}

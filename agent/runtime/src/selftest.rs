@@ -95,7 +95,7 @@ pub fn run(
         SelfTestKind::Smoke => format!("smoke input ({})", crate::smoke::describe(sig)),
     };
     for _ in 0..health.warmup_runs {
-        crate::run(model, cases[0].0.clone()).map_err(|e| format!("warm-up failed: {e}"))?;
+        crate::run(model, cases[0].0.clone()).map_err(|e| format!("warm-up on {} failed: {e}", what(0)))?;
     }
     let tol = health.golden_tolerance;
     let budget = health.latency_budget_us;
