@@ -76,6 +76,9 @@ pub fn run(a: PersonaliseArgs) -> anyhow::Result<()> {
     // Check everything before writing anything.
     let mut ids = BTreeSet::new();
     for d in &devices {
+        if flotilla_proto::reserved_id(&d.id) {
+            bail!("device id {:?} is reserved for the control plane (ids may not begin with flotilla-server)", d.id);
+        }
         if !flotilla_proto::valid_device_id(&d.id) {
             bail!("device id {:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -", d.id);
         }

@@ -66,3 +66,50 @@ async fn only_enrolled_devices_join() {
     assert_eq!((code, body["code"].as_str()), (404, Some("credential_not_found")));
     assert!(!online(&fleet, "pi-2").await);
 }
+
+/// The impostor of issue 16: a client that is not enrolled connects, under open enrollment, with
+/// the control plane's own client id (`flotilla-server-` and 16 hex digits of its data
+/// directory) as id and username. Before, the broker admitted it as a device and it kicked the
+/// server off the broker again and again. Now the control plane's names are no device's: the
+/// impostor is refused, the server keeps its session, and the fleet goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_can_take_the_control_planes_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(dir.path(), 1).await.unwrap();
+    let data_dir = fleet.server_cfg.data_dir.canonicalize().unwrap();
+    let digest = hex::encode(Sha256::digest(data_dir.to_string_lossy().as_bytes()));
+    let server_id = format!("flotilla-server-{}", &digest[..16]);
+
+    for (client_id, username) in [(server_id.as_str(), server_id.as_str()), (server_id.as_str(), "flotilla-server")] {
+        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", fleet.server.mqtt_addr.port());
+        opts.set_credentials(username, "");
+        let (_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => break Ok(ack.code),
+                    Ok(_) => continue,
+                    Err(e) => break Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .expect("the broker answers");
+        assert!(
+            !matches!(refused, Ok(rumqttc::ConnectReturnCode::Success)),
+            "{client_id}/{username} was admitted: {refused:?}"
+        );
+    }
+    // The server kept its session: the device it knows is online and takes a bundle.
+    assert!(online(&fleet, "dev-0").await);
+    fleet.push(fleet.bundle("digits", 1, flotilla_demo::digits::MODEL, vec![]).unwrap()).await.unwrap();
+    let r = fleet.wait_rollout(&fleet.start_rollout("digits@1").await.unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.state, "completed", "{r:?}");
+
+    // Nor can an operator enroll a device under those names.
+    let put = format!("{}/api/v1/devices/{server_id}/credential", fleet.api());
+    let (code, body) = status(fleet.http.put(put).json(&json!({"password_sha256": sha256("x")}))).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("bad_device_id")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("reserved"), "{body}");
+    fleet.shutdown().await;
+}

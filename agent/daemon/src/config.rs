@@ -225,6 +225,12 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if flotilla_proto::reserved_id(&self.device_id) {
+            bail!(
+                "device id {:?} is reserved for the control plane (ids may not begin with flotilla-server)",
+                self.device_id
+            );
+        }
         if !flotilla_proto::valid_device_id(&self.device_id) {
             bail!("device id {:?} is invalid: use 1-64 chars of [A-Za-z0-9._-]", self.device_id);
         }

@@ -9,7 +9,7 @@ pub mod tags;
 pub mod topics;
 
 pub use messages::*;
-pub use topics::{Channel, Topics, valid_device_id};
+pub use topics::{Channel, SERVER_IDENTITY, Topics, reserved_id, valid_device_id};
 
 use serde::{Serialize, de::DeserializeOwned};
 

@@ -47,12 +47,25 @@ impl Channel {
     }
 }
 
-/// Device ids appear in topics and paths: 1-64 chars of `[A-Za-z0-9._-]`, not starting with `.`.
+/// The control plane's own MQTT identity: its username, and the prefix of its client id
+/// (`flotilla-server-` and 16 hex digits of its data directory).
+pub const SERVER_IDENTITY: &str = "flotilla-server";
+
+/// Device ids appear in topics and paths: 1-64 chars of `[A-Za-z0-9._-]`, not starting with `.`,
+/// and never one of the names the control plane keeps for itself ([`reserved_id`]).
 pub fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && !id.starts_with('.')
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !reserved_id(id)
+}
+
+/// Whether `id` names the control plane's MQTT identity ([`SERVER_IDENTITY`] or anything that
+/// begins with it, in any case): a device that could carry such an id could take the control
+/// plane's session on the broker.
+pub fn reserved_id(id: &str) -> bool {
+    id.get(..SERVER_IDENTITY.len()).is_some_and(|head| head.eq_ignore_ascii_case(SERVER_IDENTITY))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +138,14 @@ mod tests {
         assert!(valid_device_id("rpi-4.lab_01"));
         for bad in ["", "a/b", "+", "#", ".x", "a b", &"x".repeat(65)] {
             assert!(!valid_device_id(bad), "{bad:?}");
+        }
+        // The control plane's identity is nobody else's.
+        for reserved in ["flotilla-server", "flotilla-server-0123456789abcdef", "Flotilla-Server-x", "FLOTILLA-SERVER"]
+        {
+            assert!(reserved_id(reserved) && !valid_device_id(reserved), "{reserved:?}");
+        }
+        for fine in ["flotilla", "flotilla-serve", "my-flotilla-server", "flotilla-agent-1"] {
+            assert!(!reserved_id(fine) && valid_device_id(fine), "{fine:?}");
         }
     }
 }

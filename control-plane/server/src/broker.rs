@@ -38,7 +38,7 @@ pub struct BrokerAuth {
 impl BrokerAuth {
     pub fn new(prefix: &str, server_password: String) -> Self {
         BrokerAuth {
-            server_username: "flotilla-server".into(),
+            server_username: flotilla_proto::SERVER_IDENTITY.into(),
             server_password,
             prefix: prefix.trim_end_matches('/').into(),
             device_passwords: RwLock::new(HashMap::new()),
@@ -62,6 +62,8 @@ impl BrokerAuth {
         if username == self.server_username {
             return constant_time_eq(password, self.server_password.as_bytes()).then_some(true);
         }
+        // A device: its id is its client id and its username, and never a name the control plane
+        // keeps for itself (`valid_device_id`), so no device can take the server's session.
         if client_id != username || !flotilla_proto::valid_device_id(username) {
             return None;
         }
@@ -228,6 +230,10 @@ mod tests {
         assert_eq!(a.authenticate("srv", "flotilla-server", b"wrong"), None);
         assert_eq!(a.authenticate("dev-1", "dev-1", b""), Some(false));
         assert_eq!(a.authenticate("dev-1", "dev-2", b""), None);
+        // The control plane's client id, claimed as a device's under open enrollment.
+        let server_id = "flotilla-server-0123456789abcdef";
+        assert_eq!(a.authenticate(server_id, server_id, b""), None);
+        assert_eq!(a.authenticate(server_id, "flotilla-server", b""), None);
         a.set_device_password("dev-1", hex::encode(Sha256::digest(b"pw")));
         assert_eq!(a.authenticate("dev-1", "dev-1", b"pw"), Some(false));
         assert_eq!(a.authenticate("dev-1", "dev-1", b"nope"), None);

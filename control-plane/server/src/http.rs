@@ -311,6 +311,14 @@ async fn enroll_device(
     let hint =
         "send {\"password_sha256\": \"<64 hex digits>\"}, as in the enroll.csv flotilla-image personalise writes";
     let u = json_body(body, Some(hint))?;
+    if flotilla_proto::reserved_id(&id) {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            "bad_device_id",
+            format!("{id:?} is reserved for the control plane's own MQTT identity"),
+            Some("device ids may not begin with `flotilla-server`"),
+        ));
+    }
     if !flotilla_proto::valid_device_id(&id) {
         return Err(Error::new(
             StatusCode::BAD_REQUEST,

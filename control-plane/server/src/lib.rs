@@ -213,7 +213,8 @@ impl Server {
         // One session per data directory (a second server on the same store would take it over).
         let dir_id = cfg.data_dir.canonicalize().unwrap_or_else(|_| cfg.data_dir.clone());
         let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
-        let (client, eventloop) = fleet::client(&login, &format!("flotilla-server-{}", &digest[..16]));
+        let (client, eventloop) =
+            fleet::client(&login, &format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16]));
         let shared = Arc::new(Shared {
             store,
             files,
