@@ -45,10 +45,10 @@ impl Backend for TractOnnx {
         let read = |value_info: bool| {
             tract_onnx::onnx().with_ignore_value_info(!value_info).model_for_read(&mut Cursor::new(model)).map_err(err)
         };
-        let input_names: Vec<String> = {
-            let m = read(true)?;
-            m.input_outlets().map_err(err)?.iter().map(|o| m.node(o.node).name.clone()).collect()
-        };
+        // Parsed once with them for the common case; the fallbacks below parse again without.
+        let first = read(true)?;
+        let input_names: Vec<String> =
+            first.input_outlets().map_err(err)?.iter().map(|o| first.node(o.node).name.clone()).collect();
         let index = |spec: &TensorSpec| {
             input_names.iter().position(|n| *n == spec.name).ok_or_else(|| RuntimeError::Load {
                 backend: NAME,
@@ -58,8 +58,7 @@ impl Backend for TractOnnx {
         // Pin each input's fact to the manifest's signature (dims pinned at build time stay pinned;
         // symbolic dims become tract symbols resolved per request, anonymous ones each its own),
         // and optimise.
-        let optimized = |value_info: bool| -> Result<_, RuntimeError> {
-            let mut m = read(value_info)?;
+        let optimized = |mut m: InferenceModel| -> Result<_, RuntimeError> {
             for spec in &sig.inputs {
                 let dims: TVec<TDim> = spec.shape.iter().map(|d| tract_dim(&m.symbols, d)).collect();
                 m.set_input_fact(index(spec)?, InferenceFact::dt_shape(datum_type(spec.dtype)?, dims)).map_err(err)?;
@@ -75,7 +74,7 @@ impl Backend for TractOnnx {
         // shapes and picks the branch while it runs (so inputs declare their type only), and runs
         // such models, unoptimised. If that cannot load either, the optimiser's error is the one
         // reported.
-        let plan = match optimized(true).or_else(|first| optimized(false).map_err(|_| first)) {
+        let plan = match optimized(first).or_else(|first| optimized(read(false)?).map_err(|_| first)) {
             Ok(plan) => Plan::Optimized(plan),
             Err(first) => {
                 let unoptimized = || -> Result<_, RuntimeError> {
