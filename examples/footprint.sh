@@ -23,10 +23,15 @@ RUST_LOG=warn "$bin/flotilla-server" --data-dir "$work/server" --http 127.0.0.1:
 wait_file "$work/server/endpoints.json"
 http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/server/endpoints.json")
 mqtt=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$work/server/endpoints.json")
-export FLOTILLA_SERVER="http://$http"
+ca=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ca", ""))' "$work/server/endpoints.json")
+export FLOTILLA_SERVER="https://$http" FLOTILLA_CA="$ca"
+FLOTILLA_TOKEN=$(cat "$work/server/admin.token")
+export FLOTILLA_TOKEN
+"$bin/flotilla" devices certificate footprint-1 --out "$work/device" 2>/dev/null
 
 RUST_LOG=warn "$work/flotilla-agent.stripped" --data-dir "$work/agent" --device-id footprint-1 \
-    --broker "mqtt://$mqtt" --trust-root "$work/root.cbor" --api 127.0.0.1:0 2>/dev/null &
+    --broker "mqtts://$mqtt" --ca "$ca" --cert "$work/device.pem" --key "$work/device.key" \
+    --trust-root "$work/root.cbor" --api 127.0.0.1:0 2>/dev/null &
 agent=$!
 wait_file "$work/agent/endpoints.json"
 sleep 3

@@ -66,6 +66,11 @@ pub const AGENT_PATH: &str = "/usr/bin/flotilla-agent";
 pub const CONFIG_PATH: &str = "/etc/flotilla/agent.toml";
 pub const IDENTITY_PATH: &str = "/etc/flotilla/identity.toml";
 pub const ROOT_PATH: &str = "/etc/flotilla/root.cbor";
+/// The fleet CA devices pin, next to the trust root.
+pub const CA_PATH: &str = "/etc/flotilla/fleet-ca.pem";
+/// A device's certificate and key (written by personalise).
+pub const CERT_PATH: &str = "/etc/flotilla/device.pem";
+pub const KEY_PATH: &str = "/etc/flotilla/device.key";
 pub const RECORD_PATH: &str = "/etc/flotilla/image.json";
 pub const DATA_DIR: &str = "/var/lib/flotilla";
 
@@ -77,9 +82,18 @@ pub struct BuildArgs {
     /// The trust root devices start from (`flotilla trust init`).
     #[arg(long, value_name = "root.cbor")]
     trust_root: PathBuf,
-    /// The control plane's broker as devices reach it.
-    #[arg(long, value_name = "mqtt://HOST:PORT")]
+    /// The control plane's broker as devices reach it: mqtts://HOST:PORT (with --ca), or
+    /// mqtt://HOST:PORT for a plain-TCP fleet on a trusted network.
+    #[arg(long, value_name = "mqtts://HOST:PORT")]
     broker: String,
+    /// The fleet CA devices pin for the broker and bundle downloads (the control plane's
+    /// DATA_DIR/pki/ca.pem, or an operator's own); installed as /etc/flotilla/fleet-ca.pem.
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// The control plane's https://HOST:PORT as devices reach it, for first-boot claims
+    /// (`personalise --claim-token`).
+    #[arg(long, value_name = "URL")]
+    claim_url: Option<String>,
     /// Where the image goes (a raw disk image, sparse).
     #[arg(long, short, value_name = "IMAGE")]
     out: PathBuf,
@@ -144,6 +158,22 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         }
     }
     let root = std::fs::read(&a.trust_root).with_context(|| format!("reading {}", a.trust_root.display()))?;
+    let tls_broker = !(a.broker.starts_with("mqtt://") || a.broker.starts_with("tcp://"));
+    let ca = match &a.ca {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let info = flotilla_pki::parse_cert(&pem).with_context(|| format!("--ca {}", p.display()))?;
+            if !info.is_ca {
+                bail!("--ca {} is not a CA certificate", p.display());
+            }
+            Some(pem)
+        }
+        None if tls_broker => bail!(
+            "--broker {} speaks TLS: give the fleet CA devices should trust with --ca (the control plane's DATA_DIR/pki/ca.pem)",
+            a.broker
+        ),
+        None => None,
+    };
     let mut tags = toml::Table::new();
     for t in &a.tags {
         let (k, v) = flotilla_proto::tags::parse_tag(t).map_err(|e| anyhow::anyhow!("--tag: {e}"))?;
@@ -235,6 +265,12 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     cfg.insert("data_dir".into(), DATA_DIR.into());
     cfg.insert("broker".into(), a.broker.clone().into());
     cfg.insert("trust_root".into(), ROOT_PATH.into());
+    if ca.is_some() {
+        cfg.insert("ca".into(), CA_PATH.into());
+    }
+    if let Some(u) = &a.claim_url {
+        cfg.insert("claim_url".into(), u.clone().into());
+    }
     cfg.insert("api".into(), a.api.clone().into());
     if !tags.is_empty() {
         cfg.insert("tags".into(), toml::Value::Table(tags));
@@ -242,7 +278,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     if let Some(extra) = &a.config {
         let text = std::fs::read_to_string(extra).with_context(|| format!("reading {}", extra.display()))?;
         let extra: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", extra.display()))?;
-        for k in ["device_id", "password", "identity"] {
+        for k in ["device_id", "password", "identity", "cert", "key", "claim_token"] {
             if extra.contains_key(k) {
                 bail!("--config sets {k}: that belongs to each device (flotilla-image personalise)");
             }
@@ -251,11 +287,14 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     }
     cfg.insert("identity".into(), IDENTITY_PATH.into());
     let text = format!(
-        "# The Flotilla agent's settings (flotilla-agent --config). This device's id, tags and\n# broker password are in {IDENTITY_PATH}, written by `flotilla-image personalise`.\n{}",
+        "# The Flotilla agent's settings (flotilla-agent --config). This device's id, tags and\n# certificate (or claim token, or broker password) are in {IDENTITY_PATH}, written by\n# `flotilla-image personalise`.\n{}",
         toml::to_string(&cfg)?
     );
     std::fs::write(put(CONFIG_PATH)?, text)?;
     std::fs::write(put(ROOT_PATH)?, &root)?;
+    if let Some(pem) = &ca {
+        std::fs::write(put(CA_PATH)?, pem)?;
+    }
     std::fs::write(put("/etc/systemd/system/flotilla-agent.service")?, UNIT)?;
     let wants = put("/etc/systemd/system/multi-user.target.wants/flotilla-agent.service")?;
     if !wants.exists() {
@@ -270,6 +309,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         "agent_sha256": hex::encode(Sha256::digest(&agent_bytes)),
         "agent_bytes": agent_bytes.len(),
         "trust_root_sha256": hex::encode(Sha256::digest(&root)),
+        "fleet_ca_sha256": ca.as_ref().map(|pem| hex::encode(Sha256::digest(pem.as_bytes()))),
         "broker": a.broker,
         "init": if a.busybox.is_some() { "busybox /sbin/init" } else { "systemd" },
         "boot_partition": a.boot_dir.is_some(),

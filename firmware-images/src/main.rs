@@ -43,10 +43,11 @@ enum Cmd {
     /// /sbin/init brings up the network and runs the agent. Devices get their identity from
     /// `personalise`.
     Build(build::BuildArgs),
-    /// Write a device id, tags and a fresh broker password into a copy of an image (the base
-    /// stays untouched), for one device or for every row of a CSV. Each password is 32 random
-    /// bytes that exist only in that device's image; the SHA-256 of each goes to the enroll
-    /// file for `flotilla devices enroll --file`. No secret is printed.
+    /// Write a device id, tags and the device's identity into a copy of an image (the base
+    /// stays untouched), for one device or for every row of a CSV: with --fleet-ca a fresh key
+    /// and a certificate from the fleet CA (fingerprints to certs.csv), with --claim-token a
+    /// single-use token to claim one on first boot, else a fresh broker password (its SHA-256
+    /// to enroll.csv). Enroll with `flotilla devices enroll --file`. No secret is printed.
     Personalise(personalise::PersonaliseArgs),
     /// Show what an image holds: its build record, the agent's config and the identity (the
     /// password's SHA-256, never the password).

@@ -285,3 +285,74 @@ fn build_refuses_what_would_not_boot() {
     );
     assert!(!dir.path().join("x.img").exists());
 }
+
+/// A TLS fleet's image: the fleet CA ships next to the trust root, and each personalised copy
+/// holds a key (0600) and a certificate for its id from the fleet CA; certs.csv lists the
+/// fingerprints. A TLS broker without a CA, or a claim token without a claim URL, is refused.
+#[test]
+fn personalise_with_the_fleet_ca_writes_a_key_and_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.cbor");
+    std::fs::write(&root, b"root").unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let ca = flotilla_pki::Ca::generate("test fleet", now, 86_400 * 30).unwrap();
+    std::fs::write(pki.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(pki.join("ca.key"), ca.key_pem()).unwrap();
+    let image = dir.path().join("base.img");
+    let base = || {
+        let mut c = tool();
+        c.args(["build", "--agent", "/bin/ls", "--busybox", "/sbin/ldconfig", "--trust-root"])
+            .arg(&root)
+            .args(["--broker", "mqtts://fleet.example:8883", "--size", "200M", "--out"])
+            .arg(&image);
+        c
+    };
+    let err = fails(&mut base());
+    assert!(err.contains("--ca"), "{err}");
+    ok(base().arg("--ca").arg(pki.join("ca.pem")));
+    let config = inspect(&image)["config"].as_str().unwrap().to_string();
+    assert!(config.contains("ca = \"/etc/flotilla/fleet-ca.pem\""), "{config}");
+    assert!(debugfs(&image, "cat /etc/flotilla/fleet-ca.pem").contains("BEGIN CERTIFICATE"));
+
+    let one = dir.path().join("out/rpi-7.img");
+    let (o, e) = ok(tool()
+        .arg("personalise")
+        .arg(&image)
+        .args(["--device-id", "rpi-7", "--fleet-ca"])
+        .arg(&pki)
+        .arg("--out")
+        .arg(&one));
+    let key_stat = debugfs(&one, "stat /etc/flotilla/device.key");
+    assert!(key_stat.contains("Mode:  0600") && key_stat.contains("User:     0"), "{key_stat}");
+    let key = debugfs(&one, "cat /etc/flotilla/device.key");
+    assert!(key.contains("BEGIN PRIVATE KEY"));
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----") && !l.starts_with("debugfs")).collect();
+    assert!(!o.contains(&key_body) && !e.contains(&key_body), "the key is never printed");
+    let cert_pem = debugfs(&one, "cat /etc/flotilla/device.pem");
+    let cert_pem = &cert_pem[cert_pem.find("-----BEGIN").unwrap()..];
+    let cert = flotilla_pki::parse_cert(cert_pem).unwrap();
+    assert_eq!(cert.common_name.as_deref(), Some("rpi-7"));
+    let csv = std::fs::read_to_string(dir.path().join("out/certs.csv")).unwrap();
+    assert_eq!(
+        csv,
+        format!(
+            "device_id,certificate_sha256,serial,not_after\nrpi-7,{},{},{}\n",
+            cert.sha256, cert.serial, cert.not_after
+        )
+    );
+    let shown = inspect(&one);
+    assert_eq!(shown["identity"]["certificate"]["sha256"], cert.sha256.as_str());
+    assert!(shown["identity"]["password_sha256"].is_null());
+
+    // A claim token needs the image's claim URL.
+    let err = fails(
+        tool()
+            .arg("personalise")
+            .arg(&image)
+            .args(["--device-id", "rpi-8", "--claim-token", "clm_x", "--out"])
+            .arg(dir.path().join("out/rpi-8.img")),
+    );
+    assert!(err.contains("claim_url"), "{err}");
+}

@@ -161,14 +161,23 @@ impl Drop for Mosquitto {
 /// Start mosquitto on a free loopback port. Mosquitto cannot listen on port 0 and report the
 /// port, so a free port is found first and the start is retried if another process takes it.
 pub fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
+    start_mosquitto_with(dir, |port| {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n")).unwrap();
+        conf
+    })
+}
+
+/// As [`start_mosquitto`] with the configuration `conf(port)` writes (and returns the path of).
+pub fn start_mosquitto_with(dir: &std::path::Path, conf: impl Fn(u16) -> std::path::PathBuf) -> Mosquitto {
+    let _ = dir;
     assert!(
         std::path::Path::new(MOSQUITTO).exists(),
         "{MOSQUITTO} is missing: install it with `apt-get install mosquitto` (.ci/run does)"
     );
     for _ in 0..5 {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n")).unwrap();
+        let conf = conf(port);
         let mut child =
             Command::new(MOSQUITTO).arg("-c").arg(&conf).stderr(Stdio::piped()).spawn().expect("start mosquitto");
         let stderr = child.stderr.take().unwrap();
@@ -193,6 +202,34 @@ pub fn start_mosquitto(dir: &std::path::Path) -> Mosquitto {
         eprintln!("mosquitto did not start on port {port}: {log:?}; retrying");
     }
     panic!("mosquitto would not start");
+}
+
+/// Mosquitto with the fleet's certificates, as `flotilla-server mosquitto` sets it up: mutual
+/// TLS, the device id from each certificate, each device confined to its own topics. The fleet
+/// CA is the one in `server_data_dir` (made there if missing, so a fleet started on that data
+/// directory afterwards uses it). Returns the broker and its `mqtts://` URL.
+pub fn start_mosquitto_tls(dir: &std::path::Path, server_data_dir: &std::path::Path) -> (Mosquitto, String) {
+    let out = dir.join("mosquitto");
+    let broker = start_mosquitto_with(dir, |port| {
+        let conf = flotilla_server::pki::mosquitto_files(
+            server_data_dir,
+            &out,
+            &[],
+            flotilla_proto::topics::DEFAULT_PREFIX,
+            &format!("127.0.0.1:{port}"),
+        )
+        .expect("writing mosquitto's files");
+        // Mosquitto started as root runs as the mosquitto user: the key must be that user's, as
+        // the operator's steps say, and the directories must let it in.
+        let own = Command::new("chown").arg("mosquitto:").arg(out.join("broker.key")).status();
+        assert!(own.is_ok_and(|s| s.success()), "chown mosquitto: broker.key");
+        for d in [dir, &out] {
+            let _ = Command::new("chmod").arg("o+x").arg(d).status();
+        }
+        conf
+    });
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    (broker, url)
 }
 
 /// `target/test-assets/{kind}`, made by `agent/runtime/assets/{script}` (models from PyPI wheels

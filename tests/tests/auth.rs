@@ -18,7 +18,7 @@ async fn tokens_roles_and_capabilities() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::start(dir.path(), 1).await.unwrap();
     let api = fleet.api();
-    let anon = reqwest::Client::new();
+    let anon = flotilla_demo::client_builder(fleet.server.ca_path().as_deref()).unwrap().build().unwrap();
 
     // The first start wrote an admin token, readable by its owner only.
     let file = dir.path().join("server/admin.token");
@@ -29,7 +29,7 @@ async fn tokens_roles_and_capabilities() {
     let (code, body) = status(anon.get(format!("{api}/api/v1/devices"))).await;
     assert_eq!((code, body["code"].as_str()), (401, Some("unauthorized")), "{body}");
     assert!(body["hint"].as_str().unwrap().contains("admin.token"));
-    let bogus = authorized_client("flt_not-a-token").unwrap();
+    let bogus = authorized_client("flt_not-a-token", fleet.server.ca_path().as_deref()).unwrap();
     assert_eq!(status(bogus.get(format!("{api}/api/v1/devices"))).await.0, 401);
 
     // Tokens for each role, made by the admin; the secret is in the answer only.
@@ -40,7 +40,10 @@ async fn tokens_roles_and_capabilities() {
         assert_eq!(code, 201, "{t}");
         tokens.insert(
             role,
-            (t["id"].as_str().unwrap().to_string(), authorized_client(t["token"].as_str().unwrap()).unwrap()),
+            (
+                t["id"].as_str().unwrap().to_string(),
+                authorized_client(t["token"].as_str().unwrap(), fleet.server.ca_path().as_deref()).unwrap(),
+            ),
         );
     }
     let (code, listed) = status(fleet.http.get(format!("{api}/api/v1/tokens"))).await;

@@ -25,7 +25,9 @@ struct Browser {
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    /// A headless chromium that trusts the fleet server's key alone (pinned by its SPKI hash,
+    /// as a browser given the fleet CA would trust the certificate).
+    async fn start(server_cert_pem: &str) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let driver = Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
@@ -54,6 +56,7 @@ impl Browser {
         .iter()
         .map(|a| a.to_string())
         .chain([format!("--user-data-dir={}", profile.path().display())])
+        .chain([format!("--ignore-certificate-errors-spki-list={}", spki_pin(server_cert_pem))])
         .collect::<Vec<_>>();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -177,7 +180,8 @@ async fn the_console_in_a_real_browser() {
         .await
         .unwrap();
 
-    let web = Browser::start().await;
+    let server_cert = std::fs::read_to_string(fleet.server_cfg.data_dir.join("pki/server.pem")).unwrap();
+    let web = Browser::start(&server_cert).await;
     let console = format!("{}/", fleet.api());
     web.goto(&console).await;
     web.wait_text("#login h2", |t| t == "Sign in").await;
@@ -250,4 +254,11 @@ async fn the_console_in_a_real_browser() {
     eprintln!("screenshots: {shots:?}");
     web.close().await;
     fleet.shutdown().await;
+}
+
+/// base64 of the SHA-256 of a certificate's public key: chromium's pin format.
+fn spki_pin(cert_pem: &str) -> String {
+    use base64::Engine;
+    let info = flotilla_pki::parse_cert(cert_pem).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(info.spki_sha256)
 }

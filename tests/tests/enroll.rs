@@ -1,6 +1,7 @@
-//! Device credentials: a control plane started with --require-device-password admits only
-//! devices enrolled with the SHA-256 of their password (what `flotilla-image personalise`
-//! writes into each image and into enroll.csv), and keeps the enrollments across a restart.
+//! Device credentials on a plain-TCP control plane (`--insecure-plaintext`, where devices have
+//! no certificates): started with --require-device-password it admits only devices enrolled
+//! with the SHA-256 of their password, and keeps the enrollments across a restart. And no
+//! client, with or without TLS, can take the control plane's own MQTT session.
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ async fn online(fleet: &Fleet, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_enrolled_devices_join() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = FleetOptions { require_device_password: true, ..FleetOptions::default() };
+    let opts = FleetOptions { require_device_password: true, insecure_plaintext: true, ..FleetOptions::default() };
     let mut fleet = Fleet::start_with(dir.path(), 0, opts).await.unwrap();
     let api = fleet.api();
 
@@ -35,7 +36,7 @@ async fn only_enrolled_devices_join() {
     assert_eq!((code, body["code"].as_str()), (400, Some("bad_credential")), "{body}");
     let (code, body) = status(fleet.http.put(put("no spaces")).json(&json!({"password_sha256": sha256("x")}))).await;
     assert_eq!((code, body["code"].as_str()), (400, Some("bad_device_id")), "{body}");
-    let viewer = authorized_client(&fleet.create_token("viewer", "").await.unwrap()).unwrap();
+    let viewer = authorized_client(&fleet.create_token("viewer", "").await.unwrap(), None).unwrap();
     assert_eq!(status(viewer.put(put("pi-1")).json(&json!({"password_sha256": sha256("p1")}))).await.0, 403);
     for id in ["pi-1", "pi-2"] {
         let (code, body) =

@@ -44,9 +44,9 @@ async fn interrupted_install(transport: Transport, brk: Break) -> Outcome {
     // The proxy starts first: its address goes into the offers (HTTP) or the agent's config (MQTT).
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 1))).await.unwrap();
     let public_url = match transport {
-        Transport::Http => format!("http://{}", proxy.addr),
+        Transport::Http => format!("https://{}", proxy.addr),
         // Nothing listens on port 1: HTTP is refused at once and the agent uses MQTT chunks.
-        Transport::Mqtt => "http://127.0.0.1:1".to_string(),
+        Transport::Mqtt => "https://127.0.0.1:1".to_string(),
     };
     let opts = FleetOptions { public_url: Some(public_url), chunk_size: Some(CHUNK), ..FleetOptions::default() };
     let mut fleet = Fleet::start_with(dir.path(), 0, opts).await.unwrap();

@@ -5,7 +5,8 @@
 //! stopped by its error-rate gate and rolled back. The devices outside the first wave never
 //! receive a bad bundle.
 //!
-//! The fleet talks through Debian's Mosquitto here: restarting the control plane in-process
+//! The fleet talks through Debian's Mosquitto here, over mutual TLS with the fleet's certificates
+//! (`flotilla-server mosquitto` sets it up): restarting the control plane in-process
 //! cannot take an embedded broker's sockets down with it the way killing the process does, and a
 //! broker that outlives the server is the harder case anyway (the server's persistent session
 //! must keep what devices said while it was down).
@@ -74,8 +75,8 @@ async fn versions(fleet: &Fleet) -> BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn staged_rollouts_pass_stop_roll_back_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = flotilla_tests::start_mosquitto(dir.path());
-    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    // Mosquitto with the fleet's certificates (mutual TLS), set up by `flotilla-server mosquitto`.
+    let (_broker, url) = flotilla_tests::start_mosquitto_tls(dir.path(), &dir.path().join("fleet/server"));
     let mut fleet = Fleet::start_with_broker(&dir.path().join("fleet"), N, Some(url)).await.unwrap();
     let samples = digits::samples();
     let golden = || digits::golden(&samples[..2]);

@@ -45,7 +45,7 @@ async fn http_download_resumes_from_the_staged_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_http_falls_back_to_mqtt_chunks_and_still_resumes() {
     // Nothing listens on port 1 of the loopback: the HTTP attempt is refused at once.
-    let opts = FleetOptions { public_url: Some("http://127.0.0.1:1".into()), ..FleetOptions::default() };
+    let opts = FleetOptions { public_url: Some("https://127.0.0.1:1".into()), ..FleetOptions::default() };
     let (size, half, http, mqtt) = resume_case(opts).await;
     assert_eq!(http, 0);
     assert_eq!(mqtt, size - half, "MQTT served exactly the missing bytes");

@@ -88,7 +88,7 @@ fn main() {
             let root = flotilla_bundle::root::Root::single_key(&key.public(), 1, None);
             std::fs::write(dir.path().join("root.cbor"), flotilla_bundle::root::sign_root(&root, &[&key]).unwrap())
                 .unwrap();
-            let broker = flotilla_agent::BrokerUrl { host: "127.0.0.1".into(), port: 1 };
+            let broker = flotilla_agent::BrokerUrl::plain("127.0.0.1", 1);
             let mut cfg =
                 flotilla_agent::AgentConfig::new(dir.path().join("agent"), "bench", broker, dir.path().join("root.cbor"));
             cfg.api = "127.0.0.1:0".parse().unwrap();

@@ -33,6 +33,20 @@ pub struct FileConfig {
     /// The TensorFlow Lite C library (`libtensorflowlite_c.so`); else `$FLOTILLA_TFLITE_LIB`;
     /// without either the agent runs the tract backends only.
     pub tflite_lib: Option<PathBuf>,
+    /// The fleet CA (PEM) this device trusts for the broker and bundle downloads; never the
+    /// system store.
+    pub ca: Option<PathBuf>,
+    /// This device's certificate and key (PEM) as flashed; renewals replace the copy in the
+    /// data directory.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// A single-use claim token: without a certificate, the agent makes its key, sends a CSR with
+    /// this token to `claim_url` (the control plane's https://HOST:PORT) and keeps what it signs.
+    pub claim_token: Option<String>,
+    pub claim_url: Option<String>,
+    /// Renew the device certificate when less than this is left of it (e.g. "120d"; default a
+    /// third of its lifetime).
+    pub cert_renew_before: Option<String>,
     /// External TFLite delegates bundles may name: `[delegates.npu] path = "/usr/lib/libvx_delegate.so"`
     /// with optional `options = { key = "value" }` passed to the delegate.
     #[serde(default)]
@@ -61,6 +75,11 @@ impl FileConfig {
 pub struct Identity {
     pub device_id: Option<String>,
     pub password: Option<String>,
+    /// The device's certificate and key (relative paths are next to the identity file).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// A single-use claim token (first-boot provisioning).
+    pub claim_token: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
@@ -70,6 +89,9 @@ impl std::fmt::Debug for Identity {
         f.debug_struct("Identity")
             .field("device_id", &self.device_id)
             .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("claim_token", &self.claim_token.as_ref().map(|_| "<set>"))
             .field("tags", &self.tags)
             .finish()
     }
@@ -95,21 +117,48 @@ impl Identity {
             }
         }
         // The error names the key, never the text: the file holds a secret.
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing identity {}: {}", path.display(), e.message()))
+        let mut id: Identity = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("parsing identity {}: {}", path.display(), e.message()))?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        for p in [&mut id.cert, &mut id.key].into_iter().flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(id)
     }
 }
 
-/// A broker address `mqtt://HOST:PORT` (or `HOST:PORT`).
+/// A broker address: `mqtts://HOST:PORT` (TLS; also a bare `HOST:PORT`) or `mqtt://HOST:PORT`
+/// (plain TCP, for trusted networks only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    pub fn tls(host: &str, port: u16) -> BrokerUrl {
+        BrokerUrl { host: host.into(), port, tls: true }
+    }
+
+    pub fn plain(host: &str, port: u16) -> BrokerUrl {
+        BrokerUrl { host: host.into(), port, tls: false }
+    }
 }
 
 impl std::str::FromStr for BrokerUrl {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        let rest = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")).unwrap_or(s);
+        let (tls, rest) = match s.split_once("://") {
+            Some(("mqtts" | "ssl" | "tls" | "mqtt+tls", rest)) => (true, rest),
+            Some(("mqtt" | "tcp", rest)) => (false, rest),
+            Some((scheme, _)) => {
+                bail!("broker {s:?}: unknown scheme {scheme:?} (mqtts:// or, on a trusted network, mqtt://)")
+            }
+            None => (true, s),
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = rest.rsplit_once(':').with_context(|| format!("broker {s:?}: expected mqtt://HOST:PORT"))?;
         let port = port.parse().with_context(|| format!("broker {s:?}: bad port"))?;
@@ -117,13 +166,18 @@ impl std::str::FromStr for BrokerUrl {
         if host.is_empty() {
             bail!("broker {s:?}: empty host");
         }
-        Ok(BrokerUrl { host: host.into(), port })
+        Ok(BrokerUrl { host: host.into(), port, tls })
     }
 }
 
 impl std::fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -151,6 +205,17 @@ pub struct AgentConfig {
     /// See [`FileConfig::tflite_lib`] and [`FileConfig::delegates`].
     pub tflite_lib: Option<PathBuf>,
     pub delegates: BTreeMap<String, DelegateConfig>,
+    /// The fleet CA this device pins (needed for an mqtts:// broker and https downloads).
+    pub ca: Option<PathBuf>,
+    /// The certificate and key flashed into the device (copied into the data directory on the
+    /// first start; renewals replace that copy).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// First-boot provisioning: (the control plane's https URL, a single-use claim token).
+    pub claim: Option<(String, String)>,
+    /// Renew when less than this many seconds are left of the certificate (None: a third of
+    /// its lifetime).
+    pub cert_renew_before_secs: Option<u64>,
     /// The system clock (tests replace it to boot a device "in 1970"). Expiry is checked against
     /// the trusted clock, which never goes behind this or any signed time seen.
     pub clock: Clock,
@@ -190,6 +255,9 @@ impl std::fmt::Debug for AgentConfig {
             .field("tags", &self.tags)
             .field("tflite_lib", &self.tflite_lib)
             .field("delegates", &self.delegates)
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("claim", &self.claim.as_ref().map(|(url, _)| (url, "<token>")))
             .finish_non_exhaustive()
     }
 }
@@ -220,6 +288,11 @@ impl AgentConfig {
             health_interval_secs: 10,
             tflite_lib: None,
             delegates: BTreeMap::new(),
+            ca: None,
+            cert: None,
+            key: None,
+            claim: None,
+            cert_renew_before_secs: None,
             clock: Clock::system(),
         }
     }
@@ -234,6 +307,15 @@ impl AgentConfig {
         if !flotilla_proto::valid_device_id(&self.device_id) {
             bail!("device id {:?} is invalid: use 1-64 chars of [A-Za-z0-9._-]", self.device_id);
         }
+        if self.broker.tls && self.ca.is_none() {
+            bail!(
+                "the broker {} speaks TLS but no fleet CA is configured (ca = \"/etc/flotilla/fleet-ca.pem\", the control plane's DATA_DIR/pki/ca.pem)",
+                self.broker
+            );
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            bail!("cert and key go together");
+        }
         Ok(())
     }
 }
@@ -245,10 +327,14 @@ mod tests {
     #[test]
     fn broker_urls() {
         let b: BrokerUrl = "mqtt://127.0.0.1:1883".parse().unwrap();
-        assert_eq!(b, BrokerUrl { host: "127.0.0.1".into(), port: 1883 });
-        assert_eq!("localhost:9".parse::<BrokerUrl>().unwrap().port, 9);
+        assert_eq!(b, BrokerUrl::plain("127.0.0.1", 1883));
+        assert_eq!("mqtts://fleet.example:8883".parse::<BrokerUrl>().unwrap(), BrokerUrl::tls("fleet.example", 8883));
+        // Without a scheme: TLS.
+        assert_eq!("localhost:9".parse::<BrokerUrl>().unwrap(), BrokerUrl::tls("localhost", 9));
         assert_eq!("mqtt://[::1]:5".parse::<BrokerUrl>().unwrap().host, "::1");
+        assert_eq!(BrokerUrl::tls("::1", 5).to_string(), "mqtts://[::1]:5");
         assert!("mqtt://nohost".parse::<BrokerUrl>().is_err());
+        assert!("http://h:1".parse::<BrokerUrl>().unwrap_err().to_string().contains("scheme"));
     }
 
     #[test]
@@ -271,7 +357,11 @@ mod tests {
         std::fs::write(&p, "password = \"s3cret\"\npasword = \"s3cret\"\n").unwrap();
         let err = Identity::load(&p).unwrap_err().to_string();
         assert!(err.contains("pasword") && !err.contains("s3cret"), "{err}");
-        let mut cfg = AgentConfig::new(dir.path().into(), "rpi-7", "h:1".parse().unwrap(), p.clone());
+        std::fs::write(&p, "device_id = \"rpi-7\"\ncert = \"device.pem\"\nkey = \"/abs/device.key\"\n").unwrap();
+        let id = Identity::load(&p).unwrap();
+        assert_eq!(id.cert, Some(dir.path().join("device.pem")));
+        assert_eq!(id.key, Some(PathBuf::from("/abs/device.key")));
+        let mut cfg = AgentConfig::new(dir.path().into(), "rpi-7", "mqtt://h:1".parse().unwrap(), p.clone());
         cfg.password = Some("s3cret".into());
         let shown = format!("{cfg:?}");
         assert!(shown.contains("rpi-7") && shown.contains("<set>") && !shown.contains("s3cret"), "{shown}");

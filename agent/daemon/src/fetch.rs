@@ -133,8 +133,7 @@ pub async fn over_http(
     anyhow::ensure!(url.starts_with("http://") || url.starts_with("https://"), "unsupported URL scheme in {url:?}");
     let total = plan.total();
     let (mut file, mut have) = open_part(part, total)?;
-    let client =
-        reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).read_timeout(CHUNK_TIMEOUT).build()?;
+    let client = ctx.tls.http_client(CHUNK_TIMEOUT)?;
     let mut last_progress = have;
     let mut failures = 0u32;
     while have < total {

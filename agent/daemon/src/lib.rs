@@ -13,8 +13,10 @@ pub mod installer;
 pub mod metrics;
 pub mod models;
 pub mod outbox;
+pub mod renewal;
 pub mod session;
 pub mod state;
+pub mod tls;
 pub mod watchdog;
 
 use std::collections::{HashMap, HashSet};
@@ -74,6 +76,12 @@ pub struct Ctx {
     outbox_inflight: Mutex<HashSet<i64>>,
     outbox_wake: tokio::sync::Notify,
     pub metrics: metrics::Metrics,
+    /// The fleet CA this device pins and its certificate.
+    pub tls: tls::DeviceTls,
+    /// The key of a certificate renewal asked for and not answered yet.
+    pub renewal_key: Mutex<Option<String>>,
+    /// Wakes the session to reconnect with a renewed certificate.
+    pub reconnect: tokio::sync::Notify,
 }
 
 /// Chunks kept for an install that has not resumed yet.
@@ -105,7 +113,9 @@ impl Ctx {
     /// The trusted clock: never behind the system clock or any signed time seen.
     pub fn trusted_now(&self) -> anyhow::Result<u64> {
         let system = self.cfg.clock.now();
-        self.with_state(|s| s.trusted_now(system))
+        let now = self.with_state(|s| s.trusted_now(system))?;
+        self.tls.advance_clock(now);
+        Ok(now)
     }
 
     pub fn mqtt(&self) -> &AsyncClient {
@@ -191,6 +201,14 @@ impl Agent {
         let state = State::open(&cfg.data_dir.join("state.db"))?;
         let blobs = BlobStore::open(&cfg.data_dir)?;
         let trust = load_trust(&cfg, &state)?;
+        let device_tls = tls::DeviceTls::load(&cfg, state.trusted_now(cfg.clock.now())?)?;
+        if !cfg.broker.tls {
+            tracing::warn!(broker = %cfg.broker, "the broker is plain mqtt://: commands and telemetry cross the network readable and forgeable by anyone on it (use mqtts://)");
+        } else if device_tls.identity().is_none() && cfg.claim.is_none() {
+            anyhow::bail!(
+                "this device has no certificate: flash one (cert/key, written by `flotilla-image personalise`) or give a claim token (claim_token and claim_url) to get one on first start"
+            );
+        }
         let topics = Topics::new(&cfg.topic_prefix);
         let (mqtt, eventloop) = session::client(&cfg, &topics);
         let (runtimes, delegates) = load_runtimes(&cfg);
@@ -216,6 +234,9 @@ impl Agent {
             busy: Mutex::new(HashSet::new()),
             install_lock: tokio::sync::Mutex::new(()),
             cancel: CancellationToken::new(),
+            tls: device_tls,
+            renewal_key: Mutex::new(None),
+            reconnect: Default::default(),
             cfg,
         });
         let c = ctx.clone();
@@ -257,6 +278,7 @@ impl Agent {
         tasks.push(tokio::spawn(outbox::drain(ctx.clone(), cancel.clone())));
         tasks.push(tokio::spawn(watchdog::run(ctx.clone(), cancel.clone())));
         tasks.push(tokio::spawn(drift::run(ctx.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(renewal::run(ctx.clone(), cancel.clone())));
         Ok(Agent { ctx, cancel, tasks, api_addr })
     }
 

@@ -11,7 +11,11 @@ use flotilla_agent::{Agent, AgentConfig, BrokerUrl, FileConfig, Identity};
 const EXAMPLE: &str = "\
 Example:
   flotilla-agent --data-dir /var/lib/flotilla --device-id rpi-7 \\
-      --broker mqtt://fleet.example:1883 --trust-root /etc/flotilla/root.cbor";
+      --broker mqtts://fleet.example:8883 --ca /etc/flotilla/fleet-ca.pem \\
+      --cert /etc/flotilla/device.pem --key /etc/flotilla/device.key \\
+      --trust-root /etc/flotilla/root.cbor
+  # first boot without a certificate: make a key here and claim one with a single-use token
+  flotilla-agent ... --claim-url https://fleet.example:8443 --claim-token clm_…";
 
 /// The Flotilla device agent: receives signed model bundles over MQTT, verifies and self-tests
 /// them before activating, and serves them to local apps over the Open Inference Protocol.
@@ -30,9 +34,27 @@ struct Args {
     /// This device's id (also its MQTT client id and username).
     #[arg(long)]
     device_id: Option<String>,
-    /// The control plane's broker, mqtt://HOST:PORT.
+    /// The control plane's broker: mqtts://HOST:PORT (TLS, the device's certificate as its
+    /// identity), or mqtt://HOST:PORT in plain TCP for a trusted network only.
     #[arg(long)]
     broker: Option<String>,
+    /// The fleet CA (PEM) to trust for the broker and bundle downloads: the control plane's
+    /// DATA_DIR/pki/ca.pem, or an operator's own CA. The system store is never used.
+    #[arg(long, value_name = "PATH")]
+    ca: Option<PathBuf>,
+    /// This device's certificate (PEM; its subject CN is the device id).
+    #[arg(long, value_name = "PATH", requires = "key")]
+    cert: Option<PathBuf>,
+    /// This device's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "cert")]
+    key: Option<PathBuf>,
+    /// A single-use claim token (`flotilla devices claim-token create`): with no certificate
+    /// yet, the agent makes its key, sends a CSR and keeps the certificate it gets back.
+    #[arg(long, env = "FLOTILLA_CLAIM_TOKEN", hide_env_values = true, requires = "claim_url")]
+    claim_token: Option<String>,
+    /// The control plane's https://HOST:PORT, for claims.
+    #[arg(long, value_name = "URL")]
+    claim_url: Option<String>,
     /// The trust root this device was flashed with (newer roots are persisted in the data dir).
     #[arg(long)]
     trust_root: Option<PathBuf>,
@@ -81,6 +103,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let id = Identity::load(path)?;
         file.device_id = id.device_id.or(file.device_id);
         file.password = id.password.or(file.password);
+        file.cert = id.cert.or(file.cert);
+        file.key = id.key.or(file.key);
+        file.claim_token = id.claim_token.or(file.claim_token);
         file.tags.extend(id.tags);
     }
     let broker: BrokerUrl = need(args.broker.or(file.broker), "--broker")?.parse()?;
@@ -94,6 +119,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.api = api.context("bad api address")?;
     }
     cfg.password = args.password.or(file.password);
+    cfg.ca = args.ca.or(file.ca);
+    cfg.cert = args.cert.or(file.cert);
+    cfg.key = args.key.or(file.key);
+    let claim_url = args.claim_url.or(file.claim_url);
+    if let Some(token) = args.claim_token.or(file.claim_token) {
+        let url = claim_url.context("a claim token needs the control plane's URL (--claim-url / claim_url)")?;
+        cfg.claim = Some((url, token));
+    }
+    if let Some(d) = file.cert_renew_before {
+        cfg.cert_renew_before_secs = Some(parse_duration(&d).context("cert_renew_before")?);
+    }
     cfg.api_socket = args.api_socket.or(file.api_socket);
     cfg.tflite_lib = args.tflite_lib.or(file.tflite_lib);
     cfg.delegates = file.delegates;
@@ -120,6 +156,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     agent.shutdown().await;
     Ok(())
+}
+
+/// `90d`, `12h`, `30m`, `45s` (or plain seconds).
+fn parse_duration(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().with_context(|| format!("{s:?}: expected a number and a unit (90d, 12h, 30m, 45s)"))?;
+    let unit = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => anyhow::bail!("{s:?}: unknown unit {unit:?} (d, h, m or s)"),
+    };
+    Ok(n * unit)
 }
 
 fn need<T>(v: Option<T>, flag: &str) -> anyhow::Result<T> {

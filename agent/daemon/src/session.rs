@@ -11,7 +11,10 @@ use std::time::Duration;
 use flotilla_proto::{Channel, Chunk, Command, Topics};
 use std::sync::atomic::Ordering;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::{AgentConfig, Ctx, installer};
@@ -46,12 +49,75 @@ pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
+/// The TLS transport with the device's current certificate.
+fn tls_transport(ctx: &Ctx) -> anyhow::Result<Transport> {
+    let config = ctx.tls.client_config(true)?;
+    Ok(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config))))
+}
+
+/// Before the first connection over TLS: a certificate, claimed with the token if there is none
+/// (retried with backoff while the control plane cannot be reached). False when cancelled.
+async fn ensure_identity(ctx: &Ctx, cancel: &CancellationToken) -> bool {
+    let mut attempt = 0u32;
+    while ctx.tls.identity().is_none() {
+        let Some((url, token)) = &ctx.cfg.claim else { return true };
+        match crate::tls::claim(&ctx.tls, &ctx.cfg.device_id, url, token).await {
+            Ok(info) => {
+                tracing::info!(serial = %info.serial, not_after = info.not_after, "claimed a device certificate");
+                crate::outbox::push_event(
+                    ctx,
+                    flotilla_proto::Event::CertificateRenewed {
+                        serial: info.serial,
+                        not_after: info.not_after,
+                        how: "claim".into(),
+                    },
+                );
+            }
+            Err(e) => {
+                let wait = backoff(attempt + 3, rand_u64());
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "cannot claim a device certificate");
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    true
+}
+
 pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut attempt = 0u32;
     let mut acks = crate::outbox::Acks::default();
+    if ctx.cfg.broker.tls {
+        if !ensure_identity(&ctx, &cancel).await {
+            return;
+        }
+        match tls_transport(&ctx) {
+            Ok(t) => {
+                eventloop.mqtt_options.set_transport(t);
+            }
+            Err(e) => return tracing::error!(error = %format!("{e:#}"), "cannot set up TLS to the broker"),
+        }
+    }
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
+            // Nothing else races `poll`: a poll dropped while it connects drops the connection.
+            // This one means to (the old certificate's connection goes).
+            _ = ctx.reconnect.notified() => {
+                // A renewed certificate: reconnect with it (the session stays with the broker).
+                match tls_transport(&ctx) {
+                    Ok(t) => {
+                        eventloop.mqtt_options.set_transport(t);
+                        eventloop.network = None;
+                        tracing::info!("reconnecting with the renewed certificate");
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "the renewed certificate is unusable"),
+                }
+                continue;
+            }
             ev = eventloop.poll() => ev,
         };
         match ev {
@@ -67,6 +133,7 @@ pub async fn run(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationTo
             Ok(_) => {}
             Err(e) => {
                 ctx.connected.store(false, Ordering::Relaxed);
+                crate::renewal::check_expired(&ctx);
                 let wait = backoff(attempt, rand_u64());
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection error");
                 attempt = attempt.saturating_add(1);
@@ -90,6 +157,7 @@ async fn on_connect(ctx: Arc<Ctx>) {
     ctx.publish_state().await;
     crate::outbox::report_drops(&ctx);
     ctx.outbox_wake.notify_one();
+    crate::renewal::maybe_renew(&ctx).await;
 }
 
 fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {
@@ -130,6 +198,7 @@ fn dispatch(ctx: &Arc<Ctx>, p: rumqttc::Publish) {
                         }
                     });
                 }
+                Command::Certificate(c) => crate::renewal::accept(ctx, c),
                 Command::TrustRoots(t) => {
                     let ctx = ctx.clone();
                     tokio::spawn(async move {

@@ -66,11 +66,12 @@ fn argmax_rows(p: &[f32]) -> Vec<usize> {
     p.chunks(10).map(|r| (0..10).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap()).collect()
 }
 
-fn spawn_agent(dir: &Path, broker: &str) -> Child {
+fn spawn_agent(dir: &Path, broker: &common::Broker) -> Child {
     let _ = std::fs::remove_file(dir.join("agent/endpoints.json"));
     Command::new(env!("CARGO_BIN_EXE_flotilla-agent"))
         .args(["--data-dir", dir.join("agent").to_str().unwrap(), "--device-id", "crash-1"])
-        .args(["--broker", broker, "--trust-root", dir.join("root.cbor").to_str().unwrap(), "--api", "127.0.0.1:0"])
+        .args(broker.args("crash-1"))
+        .args(["--trust-root", dir.join("root.cbor").to_str().unwrap(), "--api", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -48,7 +48,7 @@ async fn agent_binary_installs_serves_and_says_goodbye() {
 
     let mut agent = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"))
         .args(["--data-dir", d.join("agent").to_str().unwrap(), "--device-id", "proc-1"])
-        .args(["--broker", &broker])
+        .args(broker.args("proc-1"))
         .args(["--trust-root", d.join("root.cbor").to_str().unwrap(), "--api", "127.0.0.1:0", "--tag", "group=lab"])
         .args(["--api-socket", d.join("agent.sock").to_str().unwrap()])
         .stdout(Stdio::null())

@@ -52,6 +52,8 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// Subject alternative names: DNS names and IP addresses, as text.
     pub names: Vec<String>,
+    /// SHA-256 of the SubjectPublicKeyInfo (what browsers pin a key by).
+    pub spki_sha256: Vec<u8>,
 }
 
 impl CertInfo {
@@ -82,6 +84,7 @@ impl CertInfo {
             sha256: hex::encode(Sha256::digest(der)),
             is_ca: c.is_ca(),
             names,
+            spki_sha256: Sha256::digest(c.tbs_certificate.subject_pki.raw).to_vec(),
         })
     }
 }

@@ -6,13 +6,24 @@ use std::sync::Arc;
 use rustls::crypto::{CryptoProvider, ring};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::{Identity, PkiError, Result};
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
+}
+
+/// Make `ring` the process's default provider, for clients built without a configuration of
+/// ours (reqwest's `Client::new()`, webhooks to public HTTPS). Idempotent.
+pub fn install_default_provider() {
+    let _ = ring::default_provider().install_default();
 }
 
 /// Every certificate of a PEM bundle, as DER.
@@ -68,14 +79,76 @@ pub fn server_config(identity: &Identity, client_ca: Option<&str>, auth: ClientA
 
 /// A client configuration trusting `ca_pem` alone, presenting `identity` when given.
 pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<ClientConfig> {
+    client_config_with_clock(ca_pem, identity, None)
+}
+
+/// As [`client_config`], judging the server certificate's validity at the later of the system
+/// clock and `floor` (Unix seconds, kept current by the caller): a board without a real-time
+/// clock boots in 1970, before any certificate's start, until it has seen a trusted time.
+pub fn client_config_with_clock(
+    ca_pem: &str,
+    identity: Option<&Identity>,
+    floor: Option<Arc<AtomicU64>>,
+) -> Result<ClientConfig> {
     let err = |e: rustls::Error| PkiError(format!("TLS client configuration: {e}"));
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(err)?
-        .with_root_certificates(roots(ca_pem)?);
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(err)?;
+    let builder = match floor {
+        None => builder.with_root_certificates(roots(ca_pem)?),
+        Some(floor) => {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+                .build()
+                .map_err(|e| PkiError(format!("{e}")))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(FlooredClock { inner, floor }))
+        }
+    };
     match identity {
         Some(id) => builder.with_client_auth_cert(certs(&id.cert_pem)?, key(&id.key_pem)?).map_err(err),
         None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The webpki server verifier, with "now" never earlier than a trusted floor.
+#[derive(Debug)]
+struct FlooredClock {
+    inner: Arc<WebPkiServerVerifier>,
+    floor: Arc<AtomicU64>,
+}
+
+impl ServerCertVerifier for FlooredClock {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let floor = self.floor.load(Ordering::Relaxed);
+        let now =
+            if floor > now.as_secs() { UnixTime::since_unix_epoch(std::time::Duration::from_secs(floor)) } else { now };
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -141,6 +214,14 @@ mod tests {
         let expired = ca.device("dev-a", now() - 2 * 86_400, 86_400).unwrap();
         let late = client_config(ca.cert_pem(), Some(&expired)).unwrap();
         assert!(handshake(broker(), late, "localhost").unwrap_err().contains("server:"));
+        // A trusted-time floor below the system clock changes nothing; one above it is "now" (a
+        // board without a clock judges by the newest signed time it saw): past the end, refused.
+        let server_1970 = || server_config(&server, Some(ca.cert_pem()), ClientAuth::Required).unwrap();
+        let floor = Arc::new(AtomicU64::new(0));
+        let rtc_less = client_config_with_clock(ca.cert_pem(), Some(&device), Some(floor.clone())).unwrap();
+        assert_eq!(handshake(server_1970(), rtc_less.clone(), "localhost"), Ok(Some("dev-a".into())));
+        floor.store((now() + 400 * 86_400) as u64, Ordering::Relaxed);
+        assert!(handshake(server_1970(), rtc_less, "localhost").unwrap_err().contains("client:"));
         // A client that trusts another CA refuses the server.
         let wary = client_config(other.cert_pem(), Some(&device)).unwrap();
         assert!(handshake(broker(), wary, "localhost").unwrap_err().contains("client:"));

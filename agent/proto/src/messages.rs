@@ -99,6 +99,23 @@ pub enum Event {
         version: u64,
         reason: String,
     },
+    /// The device holds a new certificate (`how`: claim, renewal).
+    CertificateRenewed {
+        serial: String,
+        not_after: i64,
+        how: String,
+    },
+    /// The device's certificate ended before it could renew it (offline too long): it cannot
+    /// connect until it is given a new one (a claim token, or a personalised certificate).
+    CertificateExpired {
+        serial: String,
+        not_after: i64,
+    },
+    /// A certificate the control plane sent was not usable (wrong device, wrong key, not the
+    /// fleet CA's).
+    CertificateRefused {
+        reason: String,
+    },
     /// The device went back to the previous version of a model on its own (the active one
     /// failed to verify, load or self-test at start, or its watchdog tripped).
     ModelRolledBack {
@@ -150,6 +167,19 @@ pub enum Command {
     /// Go back to the previous version of a model if `from_version` is the active one (a
     /// rollout's gate failed). Answered with `ModelRolledBack`.
     Rollback(RollbackCommand),
+    /// The certificate signed for the device's renewal request (PEM, leaf first).
+    Certificate(CertificateIssued),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateIssued {
+    pub certificate: String,
+}
+
+/// Device → control plane on the `csr` channel: renew my certificate (the key stays here).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    pub csr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

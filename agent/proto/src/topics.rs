@@ -11,10 +11,12 @@ pub enum Channel {
     Fetch,
     Cmd,
     Chunk,
+    /// Certificate renewal requests (device → control plane).
+    Csr,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 7] = [
+    pub const ALL: [Channel; 8] = [
         Channel::Hello,
         Channel::State,
         Channel::Events,
@@ -22,6 +24,7 @@ impl Channel {
         Channel::Fetch,
         Channel::Cmd,
         Channel::Chunk,
+        Channel::Csr,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Channel {
             Channel::Fetch => "fetch",
             Channel::Cmd => "cmd",
             Channel::Chunk => "chunk",
+            Channel::Csr => "csr",
         }
     }
 

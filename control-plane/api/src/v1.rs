@@ -581,3 +581,98 @@ pub struct Token {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
+
+/// `POST /api/v1/claim-tokens`: a single-use token a device trades, with a CSR, for its
+/// certificate on first boot.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClaimTokenCreate {
+    /// Only this device may use it (None: any device id not already holding a certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Seconds it stays usable (default 3600, at most 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimToken {
+    pub id: String,
+    /// The secret, shown once (when made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub device_id: Option<String>,
+    /// RFC 3339.
+    pub expires: String,
+    pub created: String,
+    /// RFC 3339 time it was used, and by which device.
+    pub used: Option<String>,
+    pub used_by: Option<String>,
+}
+
+/// `POST /api/v1/claim` (no bearer token: the claim token is the credential).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub device_id: String,
+    pub token: String,
+    /// PEM certificate signing request whose subject CN is `device_id`.
+    pub csr: String,
+}
+
+/// A device certificate the fleet CA issued.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceCertificate {
+    pub device_id: String,
+    /// PEM (leaf first). Absent in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// The private key (PEM), only when the server made it (`POST .../certificate` without a
+    /// CSR, for images personalised off the device); shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub serial: String,
+    /// SHA-256 of the DER, hex: what `flotilla-image personalise` lists in its CSV.
+    pub sha256: String,
+    pub not_after: String,
+    /// `issued`, `claim`, `renewal`.
+    pub how: String,
+    pub revoked: Option<String>,
+}
+
+/// `POST /api/v1/devices/{id}/certificate`: a certificate for a device (with its CSR, or with a
+/// key the server makes when `csr` is absent). Admits a revoked device again.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CertificateCreate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+}
+
+/// `POST /api/v1/devices/{id}/revoke`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRevoked {
+    pub device_id: String,
+    pub revoked: String,
+    /// Certificates on record that are now refused (any other naming the device is too).
+    pub certificates: u64,
+    /// Live broker connections cut.
+    pub disconnected: u64,
+}
+
+/// `POST /api/v1/devices/{id}/certificates`: put a certificate issued outside the server (by
+/// `flotilla-image personalise --fleet-ca`, or an operator's own CA) on record, so that it can be
+/// revoked by serial and renewed through an external broker.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    /// SHA-256 of the certificate's DER, hex.
+    pub sha256: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}

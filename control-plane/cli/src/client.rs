@@ -12,6 +12,32 @@ pub struct Client {
 /// The API token for this run (`--token`, FLOTILLA_TOKEN), set once by `main`.
 pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
+/// The CA for this run (`--ca`, FLOTILLA_CA, the context's): a PEM path or `system`.
+pub static CA: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// A blocking client that trusts the chosen CA alone (or the system's, when asked).
+pub fn http_client(base: &str) -> anyhow::Result<reqwest::blocking::ClientBuilder> {
+    // reqwest builds TLS for every client, even one for http://: ring, never aws-lc-rs.
+    flotilla_pki::tls::install_default_provider();
+    let b = reqwest::blocking::Client::builder();
+    if !base.starts_with("https://") {
+        return Ok(b);
+    }
+    match CA.get().cloned().flatten().as_deref() {
+        Some("system") => Ok(b),
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).with_context(|| format!("reading the CA {path}"))?;
+            let config = flotilla_pki::tls::client_config(&pem, None).with_context(|| format!("the CA {path}"))?;
+            Ok(b.tls_backend_preconfigured(config))
+        }
+        None => bail!(
+            "{base} speaks HTTPS: say which CA to trust with --ca FILE (the server's DATA_DIR/pki/ca.pem, \
+             the `ca` of its endpoints.json), FLOTILLA_CA, or a context's `ca`; --ca system trusts the \
+             system's public CAs"
+        ),
+    }
+}
+
 impl Client {
     pub fn new(server: Option<&str>) -> anyhow::Result<Client> {
         let Some(base) = server else {
@@ -20,7 +46,7 @@ impl Client {
                  `flotilla context add NAME --server http://HOST:8080 --token-file DATA_DIR/admin.token`"
             );
         };
-        let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+        let base = if base.contains("://") { base.to_string() } else { format!("https://{base}") };
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = TOKEN.get().cloned().flatten() {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
@@ -28,10 +54,7 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::blocking::Client::builder()
-            .timeout(std::time::Duration::from_secs(600))
-            .default_headers(headers)
-            .build()?;
+        let http = http_client(&base)?.timeout(std::time::Duration::from_secs(600)).default_headers(headers).build()?;
         Ok(Client { base: base.trim_end_matches('/').to_string(), http })
     }
 

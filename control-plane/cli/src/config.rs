@@ -5,8 +5,9 @@
 //! ```toml
 //! current = "lab"
 //! [contexts.lab]
-//! server = "http://127.0.0.1:8080"
+//! server = "https://127.0.0.1:8080"
 //! token_file = "/var/lib/flotilla/admin.token"   # or: token = "flt_…"
+//! ca = "/var/lib/flotilla/pki/ca.pem"            # the fleet CA the server's certificate is from
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,6 +34,9 @@ pub struct Ctx {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM path, or `system`) the server's certificate is checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl Ctx {
@@ -93,12 +97,13 @@ fn save(c: &Config) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Where to send requests: (server, token) from flags, environment and the config file.
+/// Where to send requests: (server, token, CA) from flags, environment and the config file.
 pub fn resolve(
     server: Option<String>,
     token: Option<String>,
+    ca: Option<String>,
     context: Option<&str>,
-) -> anyhow::Result<(Option<String>, Option<String>)> {
+) -> anyhow::Result<(Option<String>, Option<String>, Option<String>)> {
     let cfg = load()?;
     let name = context.map(String::from).or(cfg.current.clone());
     let ctx = match (&name, context) {
@@ -111,12 +116,14 @@ pub fn resolve(
         },
         (None, _) => None,
     };
+    // A context's CA goes with its server: a --server given here does not inherit it.
+    let ca = ca.or_else(|| if server.is_none() { ctx.as_ref().and_then(|c| c.ca.clone()) } else { None });
     let server = server.or_else(|| ctx.as_ref().map(|c| c.server.clone()));
     let token = match token {
         Some(t) => Some(t),
         None => ctx.as_ref().map(|c| c.token()).transpose()?.flatten(),
     };
-    Ok((server, token))
+    Ok((server, token, ca))
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,7 +148,13 @@ pub enum ContextCmd {
 }
 
 /// `server` and `token` are the global `--server` and `--token` (a context's own).
-pub fn run(cmd: ContextCmd, server: Option<String>, token_value: Option<String>, out: Output) -> anyhow::Result<()> {
+pub fn run(
+    cmd: ContextCmd,
+    server: Option<String>,
+    token_value: Option<String>,
+    ca: Option<String>,
+    out: Output,
+) -> anyhow::Result<()> {
     let mut cfg = load()?;
     match cmd {
         ContextCmd::Add { name, token_file, make_current } => {
@@ -149,8 +162,13 @@ pub fn run(cmd: ContextCmd, server: Option<String>, token_value: Option<String>,
             if token_value.is_some() && token_file.is_some() {
                 bail!("give --token or --token-file, not both");
             }
-            let url = if url.contains("://") { url } else { format!("http://{url}") };
-            cfg.contexts.insert(name.clone(), Ctx { server: url, token: token_value, token_file });
+            let url = if url.contains("://") { url } else { format!("https://{url}") };
+            // Keep the CA's absolute path: the context is used from anywhere.
+            let ca = ca.map(|c| match c.as_str() {
+                "system" => c,
+                path => std::fs::canonicalize(path).map(|p| p.to_string_lossy().into_owned()).unwrap_or(c),
+            });
+            cfg.contexts.insert(name.clone(), Ctx { server: url, token: token_value, token_file, ca });
             if make_current || cfg.current.is_none() {
                 cfg.current = Some(name.clone());
             }

@@ -101,10 +101,11 @@ pub enum DevicesCmd {
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         tags: Vec<String>,
     },
-    /// Enroll devices' broker passwords with the control plane: the enroll.csv that
-    /// `flotilla-image personalise` wrote (device_id,password_sha256; the hashes only, the
-    /// passwords stay in the devices' images), or one device with --password-sha256.
-    /// A server started with --require-device-password admits only enrolled devices.
+    /// Enroll devices with the control plane from what `flotilla-image personalise` wrote:
+    /// certs.csv (device_id,certificate_sha256,serial,not_after: the certificates go on record,
+    /// so one can be revoked by serial) or enroll.csv (device_id,password_sha256; the hashes
+    /// only, the passwords stay in the devices' images), or one device with --password-sha256.
+    /// A plain-TCP server started with --require-device-password admits only enrolled devices.
     Enroll {
         /// One device's id (with --password-sha256).
         #[arg(required_unless_present = "file", conflicts_with = "file", requires = "password_sha256")]
@@ -118,6 +119,54 @@ pub enum DevicesCmd {
     },
     /// Forget a device's broker password (it can no longer join a server that requires one).
     Unenroll { id: String },
+    /// Revoke a device: the broker refuses its certificates from now on (across restarts) and
+    /// cuts its live connection at once. `devices certificate ID` or a claim token made for it
+    /// admits it again with a new certificate.
+    Revoke { id: String },
+    /// Issue a certificate for a device: for its CSR (--csr FILE; the key stays where it was
+    /// made), or with a key made by the server (written to --out PREFIX.key, mode 0600).
+    /// Writes PREFIX.pem. Admits a revoked device again.
+    Certificate {
+        id: String,
+        #[arg(long, value_name = "FILE")]
+        csr: Option<std::path::PathBuf>,
+        /// Write PREFIX.pem (and PREFIX.key without --csr).
+        #[arg(long, value_name = "PREFIX")]
+        out: std::path::PathBuf,
+    },
+    /// A device's certificates on record (serial, fingerprint, end, how it was issued, revoked).
+    Certs { id: String },
+    /// Single-use, expiring claim tokens for first-boot provisioning: the agent makes its key,
+    /// sends a CSR with the token, and gets its certificate (the key never leaves the device).
+    #[command(subcommand)]
+    ClaimToken(ClaimTokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClaimTokenCmd {
+    /// Make a claim token; it is shown this once.
+    Create {
+        /// Only this device id may use it (needed to re-provision an enrolled or revoked device).
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// How long it stays usable, e.g. 15m, 1h, 7d (at most 30d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+    /// List claim tokens (never the secrets): when they end, whether and by whom they were used.
+    Ls,
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected e.g. 15m, 1h, 7d"))?;
+    match unit {
+        "" | "s" => Ok(n),
+        "m" => Ok(n * 60),
+        "h" => Ok(n * 3600),
+        "d" => Ok(n * 86_400),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (d, h, m or s)")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,6 +287,22 @@ pub enum RolloutCmd {
 pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Result<()> {
     let client = Client::new(server)?;
     match cmd {
+        DevicesCmd::Enroll { id: None, password_sha256: None, file: Some(path) } if is_certs_csv(&path)? => {
+            let mut done = Vec::new();
+            for (id, rec) in read_certs_csv(&path)? {
+                let c: flotilla_api::v1::DeviceCertificate = client
+                    .post(&format!("/api/v1/devices/{}/certificates", enc(&id)), &rec)
+                    .with_context(|| format!("enrolling {id}'s certificate"))?;
+                done.push(c);
+            }
+            match out {
+                Output::Json | Output::Yaml => output::json(&done),
+                Output::Table => {
+                    eprintln!("put {} device certificate(s) on record", done.len());
+                    Ok(())
+                }
+            }
+        }
         DevicesCmd::Enroll { id, password_sha256, file } => {
             let pairs = match (id, password_sha256, file) {
                 (Some(id), Some(hash), None) => vec![(id, hash)],
@@ -261,6 +326,109 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
                 Output::Json | Output::Yaml => output::json(&done),
                 Output::Table => {
                     eprintln!("enrolled {} device(s)", done.len());
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::Revoke { id } => {
+            let r: flotilla_api::v1::DeviceRevoked =
+                client.post(&format!("/api/v1/devices/{}/revoke", enc(&id)), &serde_json::json!({}))?;
+            match out {
+                Output::Json | Output::Yaml => output::json(&r),
+                Output::Table => {
+                    eprintln!(
+                        "{}: revoked ({} certificate(s) on record refused, {} live connection(s) cut)",
+                        r.device_id, r.certificates, r.disconnected
+                    );
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::Certificate { id, csr, out: prefix } => {
+            let csr = csr
+                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let c: flotilla_api::v1::DeviceCertificate = client.post(
+                &format!("/api/v1/devices/{}/certificate", enc(&id)),
+                &flotilla_api::v1::CertificateCreate { csr },
+            )?;
+            let pem = prefix.with_extension("pem");
+            std::fs::write(&pem, c.certificate.as_deref().unwrap_or_default())
+                .with_context(|| format!("writing {}", pem.display()))?;
+            if let Some(key) = &c.key {
+                let path = prefix.with_extension("key");
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    opts.mode(0o600);
+                }
+                use std::io::Write;
+                opts.open(&path)
+                    .and_then(|mut f| f.write_all(key.as_bytes()))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            match out {
+                Output::Json | Output::Yaml => output::json(&flotilla_api::v1::DeviceCertificate { key: None, ..c }),
+                Output::Table => {
+                    eprintln!("{}: certificate {} until {} in {}", c.device_id, c.serial, c.not_after, pem.display());
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::Certs { id } => {
+            let certs: Vec<flotilla_api::v1::DeviceCertificate> =
+                client.get(&format!("/api/v1/devices/{}/certificates", enc(&id)))?;
+            match out {
+                Output::Json | Output::Yaml => output::json(&certs),
+                Output::Table => {
+                    println!("{:<34}  {:<25}  {:<8}  {:<25}  SHA-256", "SERIAL", "NOT AFTER", "HOW", "REVOKED");
+                    for c in certs {
+                        println!(
+                            "{:<34}  {:<25}  {:<8}  {:<25}  {}",
+                            c.serial,
+                            c.not_after,
+                            c.how,
+                            c.revoked.as_deref().unwrap_or("-"),
+                            c.sha256
+                        );
+                    }
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::ClaimToken(ClaimTokenCmd::Create { device, ttl }) => {
+            let t: flotilla_api::v1::ClaimToken = client.post(
+                "/api/v1/claim-tokens",
+                &flotilla_api::v1::ClaimTokenCreate { device_id: device, ttl_secs: Some(ttl) },
+            )?;
+            match out {
+                Output::Json | Output::Yaml => output::json(&t),
+                Output::Table => {
+                    eprintln!("created {} (single use, until {}); the token is shown once:", t.id, t.expires);
+                    println!("{}", t.token.unwrap_or_default());
+                    Ok(())
+                }
+            }
+        }
+        DevicesCmd::ClaimToken(ClaimTokenCmd::Ls) => {
+            let ts: Vec<flotilla_api::v1::ClaimToken> = client.get("/api/v1/claim-tokens")?;
+            match out {
+                Output::Json | Output::Yaml => output::json(&ts),
+                Output::Table => {
+                    for t in ts {
+                        let used = match (&t.used, &t.used_by) {
+                            (Some(at), Some(by)) => format!("used {at} by {by}"),
+                            _ => "unused".into(),
+                        };
+                        println!(
+                            "{}  for {:<16}  until {}  {used}",
+                            t.id,
+                            t.device_id.as_deref().unwrap_or("any device"),
+                            t.expires
+                        );
+                    }
                     Ok(())
                 }
             }
@@ -326,6 +494,50 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
 }
 
 /// (device_id, password_sha256) rows of an enroll.csv (a header names the columns).
+/// A certs.csv (`flotilla-image personalise --fleet-ca`) rather than an enroll.csv.
+fn is_certs_csv(path: &std::path::Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .is_some_and(|h| h.contains("certificate_sha256")))
+}
+
+fn read_certs_csv(path: &std::path::Path) -> anyhow::Result<Vec<(String, flotilla_api::v1::CertificateRecord)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
+    let (_, header) = lines.next().with_context(|| format!("{} is empty", path.display()))?;
+    let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+    let col = |name: &str| {
+        cols.iter().position(|c| *c == name).with_context(|| {
+            format!(
+                "{}: the header has no {name} column (want device_id,certificate_sha256,serial,not_after)",
+                path.display()
+            )
+        })
+    };
+    let (i_id, i_sha, i_serial, i_end) =
+        (col("device_id")?, col("certificate_sha256")?, col("serial")?, col("not_after")?);
+    lines
+        .map(|(n, l)| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            let bad = || anyhow::anyhow!("{}:{}: expected {} fields", path.display(), n + 1, cols.len());
+            let get = |i: usize| f.get(i).copied().filter(|v| !v.is_empty()).ok_or_else(bad);
+            let not_after = get(i_end)?
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{}:{}: not_after is not a number", path.display(), n + 1))?;
+            Ok((
+                get(i_id)?.to_string(),
+                flotilla_api::v1::CertificateRecord {
+                    sha256: get(i_sha)?.into(),
+                    serial: get(i_serial)?.into(),
+                    not_after,
+                },
+            ))
+        })
+        .collect()
+}
+
 fn read_enroll_csv(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));

@@ -37,9 +37,14 @@ A first rollout:
 #[derive(Parser, Debug)]
 #[command(name = "flotilla", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
-    /// Control plane URL, e.g. http://127.0.0.1:8080.
+    /// Control plane URL, e.g. https://127.0.0.1:8080 (a bare HOST:PORT means https).
     #[arg(long, global = true, env = "FLOTILLA_SERVER")]
     server: Option<String>,
+    /// The CA to trust for the server's certificate: the fleet CA (the server's
+    /// DATA_DIR/pki/ca.pem, named in its endpoints.json) or an operator's own; `system` for the
+    /// system's public CAs. Never the system store unless asked.
+    #[arg(long, global = true, env = "FLOTILLA_CA", value_name = "PEM|system")]
+    ca: Option<String>,
     /// API token (a new server writes an admin token to DATA_DIR/admin.token).
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -99,20 +104,22 @@ fn main() {
     let cli = Cli::parse();
     let _ = output::FORMAT.set(cli.output);
     if let Cmd::Context(c) = cli.cmd {
-        if let Err(e) = config::run(c, cli.server, cli.token, cli.output) {
+        if let Err(e) = config::run(c, cli.server, cli.token, cli.ca, cli.output) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }
         return;
     }
-    let (server, token) = match config::resolve(cli.server.clone(), cli.token.clone(), cli.context.as_deref()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
-    };
+    let (server, token, ca) =
+        match config::resolve(cli.server.clone(), cli.token.clone(), cli.ca.clone(), cli.context.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        };
     let _ = client::TOKEN.set(token);
+    let _ = client::CA.set(ca);
     let cli = Cli { server, ..cli };
     let result = match cli.cmd {
         Cmd::Context(_) => unreachable!("handled before resolving the server"),

@@ -8,22 +8,30 @@ use std::time::Duration;
 
 use flotilla_demo::{Fleet, digits};
 
-/// The admin token of each server a test started, by URL.
-static TOKENS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+/// The admin token and fleet CA of each server a test started, by URL.
+#[allow(clippy::type_complexity)]
+static TOKENS: std::sync::Mutex<std::collections::BTreeMap<String, (String, Option<std::path::PathBuf>)>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-fn register(url: &str, token: &str) {
-    TOKENS.lock().unwrap().insert(url.to_string(), token.to_string());
+fn register(url: &str, token: &str, ca: Option<std::path::PathBuf>) {
+    TOKENS.lock().unwrap().insert(url.to_string(), (token.to_string(), ca));
 }
 
 /// Runs the CLI against `server` (with its admin token) or none.
 fn flotilla(args: &[&str], server: Option<&str>) -> Output {
     let mut c = assert_cmd::Command::cargo_bin("flotilla").expect("the flotilla binary");
-    c.args(args).env_remove("FLOTILLA_SERVER").env_remove("FLOTILLA_TOKEN").env("HOME", "/nonexistent");
+    c.args(args)
+        .env_remove("FLOTILLA_SERVER")
+        .env_remove("FLOTILLA_TOKEN")
+        .env_remove("FLOTILLA_CA")
+        .env("HOME", "/nonexistent");
     if let Some(s) = server {
         c.env("FLOTILLA_SERVER", s);
-        if let Some(t) = TOKENS.lock().unwrap().get(s) {
+        if let Some((t, ca)) = TOKENS.lock().unwrap().get(s) {
             c.env("FLOTILLA_TOKEN", t);
+            if let Some(ca) = ca {
+                c.env("FLOTILLA_CA", ca);
+            }
         }
     }
     c.output().expect("run flotilla")
@@ -50,7 +58,7 @@ async fn operator_workflow_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
-    register(&server, &fleet.token);
+    register(&server, &fleet.token, fleet.server.ca_path());
 
     // Keys and a trust root of our own (the fleet's agents trust the harness root, so this key
     // also has to be one the harness trusts: we sign with both below).
@@ -199,12 +207,16 @@ async fn a_server_with_a_trust_root_refuses_bundles_it_would_not_run() {
     cfg.mqtt = "127.0.0.1:0".parse().unwrap();
     cfg.trust_root = Some(d.join("root.cbor"));
     let server = flotilla_server::Server::start(cfg).await.unwrap();
-    let url = format!("http://{}", server.http_addr);
-    register(&url, &server.admin_token().unwrap());
+    let url = server.api_url();
+    register(&url, &server.admin_token().unwrap(), server.ca_path());
     let endpoints: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("server/endpoints.json")).unwrap()).unwrap();
     assert_eq!(endpoints["http"], server.http_addr.to_string());
     assert_eq!(endpoints["mqtt"], server.mqtt_addr.to_string());
+    // How to speak to them: https and mqtts, and the fleet CA to trust.
+    assert_eq!((endpoints["scheme"].as_str(), endpoints["mqtt_scheme"].as_str()), (Some("https"), Some("mqtts")));
+    let ca = std::path::PathBuf::from(endpoints["ca"].as_str().unwrap());
+    assert!(ca.is_absolute() && std::fs::read_to_string(&ca).unwrap().contains("BEGIN CERTIFICATE"));
 
     std::fs::write(d.join("model.onnx"), digits::MODEL).unwrap();
     let b = d.join("b.flb");
@@ -392,7 +404,7 @@ async fn drift_tags_feedback_and_samples_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
-    register(&server, &fleet.token);
+    register(&server, &fleet.token, fleet.server.ca_path());
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
@@ -587,7 +599,7 @@ async fn staged_rollouts_and_their_commands_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::start(&dir.path().join("fleet"), 4).await.unwrap();
     let server = fleet.api();
-    register(&server, &fleet.token);
+    register(&server, &fleet.token, fleet.server.ca_path());
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     let samples = digits::samples();
     for v in [1, 2] {
@@ -678,7 +690,7 @@ async fn retraining_policies_and_jobs_through_the_cli() {
     let d = dir.path();
     let fleet = Fleet::start(&d.join("fleet"), 2).await.unwrap();
     let server = fleet.api();
-    register(&server, &fleet.token);
+    register(&server, &fleet.token, fleet.server.ca_path());
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args, Some(&server))).unwrap() };
     for id in ["dev-0", "dev-1"] {
         ok(&["devices", "tag", id, "group=field"], Some(&server));
@@ -779,18 +791,29 @@ async fn contexts_tokens_yaml_and_completions() {
             .args(args)
             .env_remove("FLOTILLA_SERVER")
             .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_CA")
             .env("FLOTILLA_CONFIG", &config)
             .output()
             .unwrap()
     };
     let out = run(&["devices", "ls"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("flotilla context add"), "{out:?}");
-    // Without a token the server says how to get one.
+    // Over HTTPS the CLI trusts the fleet CA it is given, never the system's by default.
+    let ca = fleet.server.ca_path().unwrap();
     let out = run(&["--server", &fleet.api(), "devices", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca FILE"), "{out:?}");
+    let out = run(&["--server", &fleet.api(), "--ca", "system", "devices", "ls"]);
+    assert!(!out.status.success(), "the fleet's certificate is no public CA's: {out:?}");
+    let plain = fleet.api().replace("https://", "http://");
+    let out = run(&["--server", &plain, "devices", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("speaks HTTPS"), "{out:?}");
+    // Without a token the server says how to get one.
+    let out = run(&["--server", &fleet.api(), "--ca", s(&ca), "devices", "ls"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("401 (unauthorized)"), "{out:?}");
 
     let token_file = d.join("fleet/server/admin.token");
-    let out = run(&["context", "add", "demo", "--server", &fleet.api(), "--token-file", s(&token_file)]);
+    let out =
+        run(&["context", "add", "demo", "--server", &fleet.api(), "--token-file", s(&token_file), "--ca", s(&ca)]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
     let out = run(&["devices", "ls", "-o", "yaml"]);
@@ -812,7 +835,7 @@ async fn contexts_tokens_yaml_and_completions() {
 
     // A viewer token from the admin: reads, but may not change the fleet.
     let viewer = &fleet.create_token("viewer", "").await.unwrap();
-    let out = run(&["context", "add", "ro", "--server", &fleet.api(), "--token", viewer, "--use"]);
+    let out = run(&["context", "add", "ro", "--server", &fleet.api(), "--token", viewer, "--ca", s(&ca), "--use"]);
     assert!(out.status.success());
     assert!(run(&["devices", "ls"]).status.success());
     let out = run(&["devices", "tag", "dev-0", "group=lab"]);

@@ -143,7 +143,9 @@ pub struct Caller {
 
 pub async fn middleware(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    let protected = (path.starts_with("/api/") && path != "/api/v1/health") || path == "/metrics";
+    // A claim carries its own credential (a single-use claim token) in the body.
+    let open = path == "/api/v1/health" || (path == "/api/v1/claim" && req.method() == Method::POST);
+    let protected = (path.starts_with("/api/") && !open) || path == "/metrics";
     if !protected {
         return next.run(req).await;
     }

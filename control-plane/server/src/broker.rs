@@ -5,13 +5,24 @@
 //! rumqttd's hooks could not stop one device publishing on another's topics.
 //!
 //! Rules: the control plane's own client (a random secret per start) may do anything. Every
-//! other client is a device: its client id must equal its username, it may publish and
-//! subscribe only under `{prefix}/d/{its id}/`, and when the registry holds a password for it,
-//! the password must match.
+//! other client is a device that may publish and subscribe only under `{prefix}/d/{its id}/`.
+//!
+//! With TLS (the default) devices reach rmqtt only through a mutual-TLS front this module runs
+//! on the public address: it verifies the client certificate against the fleet CA, refuses
+//! revoked devices, and relays the connection to rmqtt's loopback listener, noting which device
+//! the relayed connection's source address carries. The certificate IS the identity: a relayed
+//! client must use its certificate's device id as its client id (and as its username, if it
+//! sends one), whatever it claims. Only the control plane's own client, with its per-start
+//! secret, connects to the loopback listener directly. (rmqtt's own TLS listener needs
+//! aws-lc-rs and hands hooks no certificate facts; the front keeps the build on ring and the
+//! identity in our hands.)
+//!
+//! Without TLS (`--insecure-plaintext`), devices connect to rmqtt directly: the client id must
+//! equal the username, and when the registry holds a password for the device it must match.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -33,6 +44,18 @@ pub struct BrokerAuth {
     /// (open enrollment) unless `require_device_password` is set.
     device_passwords: RwLock<HashMap<String, String>>,
     pub require_device_password: bool,
+    /// Devices must come through the mutual-TLS front with a certificate.
+    pub certificates: bool,
+    /// Relayed connections by their source address on the loopback: who they are.
+    relayed: Mutex<HashMap<SocketAddr, Relayed>>,
+    revoked_devices: RwLock<HashSet<String>>,
+    revoked_serials: RwLock<HashSet<String>>,
+}
+
+#[derive(Debug)]
+struct Relayed {
+    device: String,
+    cut: tokio_util::sync::CancellationToken,
 }
 
 impl BrokerAuth {
@@ -43,7 +66,54 @@ impl BrokerAuth {
             prefix: prefix.trim_end_matches('/').into(),
             device_passwords: RwLock::new(HashMap::new()),
             require_device_password: false,
+            certificates: false,
+            relayed: Mutex::new(HashMap::new()),
+            revoked_devices: RwLock::new(HashSet::new()),
+            revoked_serials: RwLock::new(HashSet::new()),
         }
+    }
+
+    /// Refuse `device`'s certificates from now on and cut its live connections (how many).
+    pub fn revoke_device(&self, device: &str) -> usize {
+        self.revoked_devices.write().expect("auth lock").insert(device.into());
+        let relayed = self.relayed.lock().expect("relay lock");
+        let live: Vec<_> = relayed.values().filter(|r| r.device == device).collect();
+        live.iter().for_each(|r| r.cut.cancel());
+        live.len()
+    }
+
+    /// Admit `device` again (re-enrolled); certificates revoked one by one stay refused.
+    pub fn unrevoke_device(&self, device: &str) {
+        self.revoked_devices.write().expect("auth lock").remove(device);
+    }
+
+    pub fn revoke_serial(&self, serial: &str) {
+        self.revoked_serials.write().expect("auth lock").insert(serial.into());
+    }
+
+    /// Whether the front may relay a client with this certificate.
+    pub fn admit(&self, cert: &crate::tls::ClientCert) -> Result<(), String> {
+        if !flotilla_proto::valid_device_id(&cert.device) {
+            return Err(format!("certificate for {:?}, which is not a device id", cert.device));
+        }
+        if self.revoked_devices.read().expect("auth lock").contains(&cert.device) {
+            return Err(format!("device {} is revoked", cert.device));
+        }
+        if self.revoked_serials.read().expect("auth lock").contains(&cert.serial) {
+            return Err(format!("certificate {} of {} is revoked", cert.serial, cert.device));
+        }
+        Ok(())
+    }
+
+    /// The device a relayed connection from `source` carries, if it is one.
+    fn relayed_device(&self, source: Option<SocketAddr>) -> Option<String> {
+        let source = source?;
+        self.relayed.lock().expect("relay lock").get(&source).map(|r| r.device.clone())
+    }
+
+    /// How many device connections the TLS front relays now.
+    pub fn relayed_connections(&self) -> usize {
+        self.relayed.lock().expect("relay lock").len()
     }
 
     pub fn server_password(&self) -> &str {
@@ -58,9 +128,20 @@ impl BrokerAuth {
         self.device_passwords.write().expect("auth lock").remove(device);
     }
 
-    fn authenticate(&self, client_id: &str, username: &str, password: &[u8]) -> Option<bool> {
+    /// Some(superuser) to admit, None to refuse. `certified`: the device id of the certificate
+    /// a relayed connection presented.
+    fn authenticate(&self, client_id: &str, username: &str, password: &[u8], certified: Option<&str>) -> Option<bool> {
+        if let Some(device) = certified {
+            // The certificate says who it is; the claims must agree with it.
+            let agrees = client_id == device && (username.is_empty() || username == device);
+            return agrees.then_some(false);
+        }
         if username == self.server_username {
             return constant_time_eq(password, self.server_password.as_bytes()).then_some(true);
+        }
+        if self.certificates {
+            // Around the front, only the control plane itself.
+            return None;
         }
         // A device: its id is its client id and its username, and never a name the control plane
         // keeps for itself (`valid_device_id`), so no device can take the server's session.
@@ -98,24 +179,27 @@ impl Handler for Hooks {
             Parameter::ClientAuthenticate(ci) => {
                 let user = ci.username().map(|u| &**u).unwrap_or("");
                 let pass = ci.password().map(|p| p.as_ref()).unwrap_or(b"");
-                let res = match self.0.authenticate(ci.client_id(), user, pass) {
+                let certified = self.0.relayed_device(ci.id().remote_addr);
+                let res = match self.0.authenticate(ci.client_id(), user, pass, certified.as_deref()) {
                     Some(superuser) => AuthResult::Allow(superuser, None),
                     None => {
-                        tracing::warn!(client = %ci.client_id(), user, "broker refused a connection");
+                        tracing::warn!(client = %ci.client_id(), user, certificate = ?certified, "broker refused a connection");
                         AuthResult::BadUsernameOrPassword
                     }
                 };
                 (false, Some(HookResult::AuthResult(res)))
             }
+            // Devices are keyed by client id: authentication made it equal to the username (or
+            // to the certificate's device id).
             Parameter::MessagePublishCheckAcl(s, p) => {
                 let user = s.id.username_ref();
-                let ok = user == self.0.server_username || self.0.device_may_use(user, &p.topic);
+                let ok = user == self.0.server_username || self.0.device_may_use(&s.id.client_id, &p.topic);
                 let r = if ok { PublishAclResult::allow() } else { PublishAclResult::rejected(false, None) };
                 (false, Some(HookResult::PublishAclResult(r)))
             }
             Parameter::ClientSubscribeCheckAcl(s, sub) => {
                 let user = s.id.username_ref();
-                let ok = user == self.0.server_username || self.0.device_may_use(user, &sub.topic_filter);
+                let ok = user == self.0.server_username || self.0.device_may_use(&s.id.client_id, &sub.topic_filter);
                 let r = if ok {
                     SubscribeAclResult::new_success(sub.opts.qos(), None)
                 } else {
@@ -132,12 +216,21 @@ impl Handler for Hooks {
 /// it spawned: the listener and each client's connection (rmqtt spawns one task per
 /// connection, which aborting its server task alone would leave serving).
 pub struct EmbeddedBroker {
+    /// Where devices connect (the TLS front, or rmqtt itself without TLS).
     pub addr: SocketAddr,
+    /// Where the control plane's own client connects (rmqtt's listener).
+    pub internal: SocketAddr,
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl EmbeddedBroker {
-    pub async fn start(addr: SocketAddr, auth: Arc<BrokerAuth>) -> anyhow::Result<EmbeddedBroker> {
+    /// Start rmqtt; with `tls`, on the loopback behind a mutual-TLS front on `addr`.
+    pub async fn start(
+        addr: SocketAddr,
+        auth: Arc<BrokerAuth>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<EmbeddedBroker> {
+        let rmqtt_addr = if tls.is_some() { SocketAddr::from(([127, 0, 0, 1], 0)) } else { addr };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("flotilla-mqtt")
@@ -151,11 +244,11 @@ impl EmbeddedBroker {
             let reg = scx.extends.hook_mgr().register();
             reg.add(Type::ClientAuthenticate, Box::new(Hooks(auth.clone()))).await;
             reg.add(Type::MessagePublishCheckAcl, Box::new(Hooks(auth.clone()))).await;
-            reg.add(Type::ClientSubscribeCheckAcl, Box::new(Hooks(auth))).await;
+            reg.add(Type::ClientSubscribeCheckAcl, Box::new(Hooks(auth.clone()))).await;
             reg.start().await;
             let listener = Builder::new()
                 .name("external/tcp")
-                .laddr(addr)
+                .laddr(rmqtt_addr)
                 .allow_anonymous(false)
                 .max_connections(100_000)
                 .max_handshaking_limit(10_000)
@@ -165,18 +258,29 @@ impl EmbeddedBroker {
                 .max_inflight(std::num::NonZeroU16::new(100).expect("non-zero"))
                 .max_mqueue_len(10_000)
                 .bind()
-                .with_context(|| format!("binding the MQTT broker on {addr}"))?
+                .with_context(|| format!("binding the MQTT broker on {rmqtt_addr}"))?
                 .tcp()?;
-            let addr = listener.local_addr()?;
+            let internal = listener.local_addr()?;
             tokio::spawn(async move {
                 if let Err(e) = MqttServer::new(scx).listener_by_id(listener, 1).build().run().await {
                     tracing::error!(error = %e, "embedded broker stopped");
                 }
             });
-            anyhow::Ok(addr)
+            let public = match tls {
+                Some(config) => {
+                    let front = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the MQTT broker on {addr}"))?;
+                    let public = front.local_addr()?;
+                    tokio::spawn(tls_front(front, config, internal, auth));
+                    public
+                }
+                None => internal,
+            };
+            anyhow::Ok((public, internal))
         });
-        let addr = match started.await {
-            Ok(Ok(addr)) => addr,
+        let (addr, internal) = match started.await {
+            Ok(Ok(addrs)) => addrs,
             failed => {
                 // A runtime may not be dropped (blocking) inside an async context.
                 rt.shutdown_background();
@@ -187,7 +291,7 @@ impl EmbeddedBroker {
             }
         };
         tracing::info!(%addr, "embedded MQTT broker listening");
-        Ok(EmbeddedBroker { addr, rt: Some(rt) })
+        Ok(EmbeddedBroker { addr, internal, rt: Some(rt) })
     }
 
     /// Close the listener and every client connection.
@@ -195,6 +299,50 @@ impl EmbeddedBroker {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// The mutual-TLS front: verify each client's certificate, then relay it to rmqtt with its
+/// identity noted under the relayed connection's source address.
+async fn tls_front(
+    front: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    internal: SocketAddr,
+    auth: Arc<BrokerAuth>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (sock, peer) = match front.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, auth) = (acceptor.clone(), auth.clone());
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let (mut tls, cert) = match crate::tls::accept(&acceptor, sock).await {
+                Ok(x) => x,
+                Err(e) => return tracing::info!(%peer, error = %e, "MQTT: refused a TLS client"),
+            };
+            if let Err(e) = auth.admit(&cert) {
+                return tracing::warn!(%peer, error = %e, "MQTT: refused a device certificate");
+            }
+            let mut upstream = match tokio::net::TcpStream::connect(internal).await {
+                Ok(s) => s,
+                Err(e) => return tracing::error!(error = %e, "MQTT: cannot reach the broker's own listener"),
+            };
+            let _ = upstream.set_nodelay(true);
+            let Ok(source) = upstream.local_addr() else { return };
+            let cut = tokio_util::sync::CancellationToken::new();
+            auth.relayed.lock().expect("relay lock").insert(source, Relayed { device: cert.device, cut: cut.clone() });
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => {}
+                _ = cut.cancelled() => {}
+            }
+            auth.relayed.lock().expect("relay lock").remove(&source);
+        });
     }
 }
 
@@ -226,16 +374,45 @@ mod tests {
     #[test]
     fn authentication_rules() {
         let a = BrokerAuth::new("flotilla/v1", "s3cret".into());
-        assert_eq!(a.authenticate("srv", "flotilla-server", b"s3cret"), Some(true));
-        assert_eq!(a.authenticate("srv", "flotilla-server", b"wrong"), None);
-        assert_eq!(a.authenticate("dev-1", "dev-1", b""), Some(false));
-        assert_eq!(a.authenticate("dev-1", "dev-2", b""), None);
+        assert_eq!(a.authenticate("srv", "flotilla-server", b"s3cret", None), Some(true));
+        assert_eq!(a.authenticate("srv", "flotilla-server", b"wrong", None), None);
+        assert_eq!(a.authenticate("dev-1", "dev-1", b"", None), Some(false));
+        assert_eq!(a.authenticate("dev-1", "dev-2", b"", None), None);
         // The control plane's client id, claimed as a device's under open enrollment.
         let server_id = "flotilla-server-0123456789abcdef";
-        assert_eq!(a.authenticate(server_id, server_id, b""), None);
-        assert_eq!(a.authenticate(server_id, "flotilla-server", b""), None);
+        assert_eq!(a.authenticate(server_id, server_id, b"", None), None);
+        assert_eq!(a.authenticate(server_id, "flotilla-server", b"", None), None);
         a.set_device_password("dev-1", hex::encode(Sha256::digest(b"pw")));
-        assert_eq!(a.authenticate("dev-1", "dev-1", b"pw"), Some(false));
-        assert_eq!(a.authenticate("dev-1", "dev-1", b"nope"), None);
+        assert_eq!(a.authenticate("dev-1", "dev-1", b"pw", None), Some(false));
+        assert_eq!(a.authenticate("dev-1", "dev-1", b"nope", None), None);
+    }
+
+    #[test]
+    fn with_certificates_the_certificate_is_the_identity() {
+        let mut a = BrokerAuth::new("flotilla/v1", "s3cret".into());
+        a.certificates = true;
+        // A relayed device: client id (and username, if any) must be its certificate's id.
+        assert_eq!(a.authenticate("dev-a", "", b"", Some("dev-a")), Some(false));
+        assert_eq!(a.authenticate("dev-a", "dev-a", b"", Some("dev-a")), Some(false));
+        assert_eq!(a.authenticate("dev-b", "dev-b", b"", Some("dev-a")), None);
+        assert_eq!(a.authenticate("dev-a", "dev-b", b"", Some("dev-a")), None);
+        // Even the server's name and secret: a relayed connection is a device.
+        assert_eq!(a.authenticate("x", "flotilla-server", b"s3cret", Some("dev-a")), None);
+        // Around the front: the control plane only; no password or open enrollment for devices.
+        assert_eq!(a.authenticate("srv", "flotilla-server", b"s3cret", None), Some(true));
+        assert_eq!(a.authenticate("dev-a", "dev-a", b"", None), None);
+        a.set_device_password("dev-a", hex::encode(Sha256::digest(b"pw")));
+        assert_eq!(a.authenticate("dev-a", "dev-a", b"pw", None), None);
+        // Revocation: by device, or one certificate by serial.
+        let cert = |d: &str, s: &str| crate::tls::ClientCert { device: d.into(), serial: s.into(), sha256: "".into() };
+        assert!(a.admit(&cert("dev-a", "01")).is_ok());
+        assert!(a.admit(&cert("flotilla-server-x", "02")).is_err());
+        a.revoke_serial("01");
+        assert!(a.admit(&cert("dev-a", "01")).unwrap_err().contains("revoked"));
+        assert!(a.admit(&cert("dev-a", "03")).is_ok());
+        a.revoke_device("dev-a");
+        assert!(a.admit(&cert("dev-a", "03")).unwrap_err().contains("revoked"));
+        a.unrevoke_device("dev-a");
+        assert!(a.admit(&cert("dev-a", "03")).is_ok());
     }
 }

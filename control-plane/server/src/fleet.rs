@@ -15,6 +15,9 @@ pub struct BrokerLogin {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS to an external broker (mqtts://): the CA it trusts and the control plane's client
+    /// certificate (CN flotilla-server, which no device certificate can carry).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `client_id` is stable for a server's data directory: with a persistent session the broker
@@ -31,11 +34,15 @@ pub fn client(login: &BrokerLogin, client_id: &str) -> (AsyncClient, EventLoop) 
     if let Some(u) = &login.username {
         opts.set_credentials(u.clone(), login.password.clone().unwrap_or_default());
     }
+    if let Some(config) = &login.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config.clone())));
+    }
     AsyncClient::new(opts, 4096)
 }
 
 /// The device channels the control plane subscribes to.
-const SUBSCRIBED: [Channel; 5] = [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch, Channel::Metrics];
+const SUBSCRIBED: [Channel; 6] =
+    [Channel::Hello, Channel::State, Channel::Events, Channel::Fetch, Channel::Metrics, Channel::Csr];
 
 pub async fn run(shared: Arc<Shared>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut attempt = 0u32;
@@ -103,6 +110,7 @@ async fn handle(s: &Arc<Shared>, topic: &str, payload: &[u8]) {
         Channel::Events => on_event(s, device, payload),
         Channel::Fetch => on_fetch(s, device, payload).await,
         Channel::Metrics => on_metrics(s, device, payload).await,
+        Channel::Csr => on_csr(s, device, payload).await,
         _ => Ok(()),
     };
     if let Err(e) = result {
@@ -194,6 +202,18 @@ fn on_event(s: &Shared, device: &str, payload: &[u8]) -> anyhow::Result<()> {
             tracing::warn!(device, total, "device dropped telemetry while offline");
             return Ok(());
         }
+        Event::CertificateRenewed { serial, not_after, how } => {
+            tracing::info!(device, serial, not_after, how, "device holds a new certificate");
+            return Ok(());
+        }
+        Event::CertificateExpired { serial, not_after } => {
+            tracing::warn!(device, serial, not_after, "device reports its certificate ended before it could renew it");
+            return Ok(());
+        }
+        Event::CertificateRefused { reason } => {
+            tracing::warn!(device, reason, "device refused the certificate it was sent");
+            return Ok(());
+        }
     };
     // The offer id names its device; a device cannot report on another's offer.
     if offer.ends_with(&format!("/{device}")) {
@@ -239,6 +259,9 @@ fn event_kind(e: &Event) -> &'static str {
         Event::TrustRootRefused { .. } => "trust_root_refused",
         Event::ModelRolledBack { .. } => "model_rolled_back",
         Event::TelemetryDropped { .. } => "telemetry_dropped",
+        Event::CertificateRenewed { .. } => "certificate_renewed",
+        Event::CertificateExpired { .. } => "certificate_expired",
+        Event::CertificateRefused { .. } => "certificate_refused",
     }
 }
 
@@ -262,7 +285,37 @@ fn event_json(e: &Event) -> serde_json::Value {
             "name": name, "from_version": from_version, "to_version": to_version, "reason": reason
         }),
         Event::TelemetryDropped { total } => serde_json::json!({"total": total}),
+        Event::CertificateRenewed { serial, not_after, how } => {
+            serde_json::json!({"serial": serial, "not_after": not_after, "how": how})
+        }
+        Event::CertificateExpired { serial, not_after } => {
+            serde_json::json!({"serial": serial, "not_after": not_after})
+        }
+        Event::CertificateRefused { reason } => serde_json::json!({"reason": reason}),
     }
+}
+
+/// A renewal request: the broker let it through on this device's own topic only (on the
+/// embedded broker, the connection's certificate names the device), so the certificate is
+/// signed for that device, unless it is revoked. Through an external broker, only a device that
+/// holds a certificate the registry knows may renew (a password alone never becomes one).
+async fn on_csr(s: &Arc<Shared>, device: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let msg: Msg<flotilla_proto::CertificateRequest> = flotilla_proto::decode(payload)?;
+    if s.pki.is_none() {
+        anyhow::bail!("renewal request, but this server runs without TLS");
+    }
+    if s.store.device_revoked(device)?.is_some() {
+        anyhow::bail!("renewal request from a revoked device");
+    }
+    if s.broker_auth.is_none() && !s.store.device_certs(device)?.iter().any(|c| c.revoked.is_none()) {
+        anyhow::bail!("renewal request from a device with no certificate on record");
+    }
+    let cert = crate::pki::sign_recorded(s, &msg.body.csr, device, "renewal")?;
+    tracing::info!(device, "renewed a device certificate");
+    let cmd = Command::Certificate(flotilla_proto::CertificateIssued { certificate: cert });
+    let payload = flotilla_proto::encode(&Msg::new(crate::new_id(), crate::now_ms(), cmd));
+    s.mqtt.publish(s.topics.device(device, Channel::Cmd), QoS::AtLeastOnce, false, payload).await?;
+    Ok(())
 }
 
 /// Send `device` every stored root newer than `have` (devices skip what they hold).

@@ -17,7 +17,10 @@ use flotilla_api::v1::{
 use flotilla_bundle::TrustedRoot;
 use flotilla_proto::tags::{Selector, valid_tag_part};
 
+use crate::api_error::{ApiErrors, json_body, rfc3339};
+pub use crate::api_error::{Error, Result};
 use crate::bundles::PushError;
+use crate::certs;
 use crate::store::{BundleRow, DeviceRow};
 use crate::{Shared, now_s};
 
@@ -37,6 +40,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/tags", axum::routing::post(tag_device))
         .route("/api/v1/devices/{id}/credential", axum::routing::put(enroll_device).delete(unenroll_device))
+        .route("/api/v1/devices/{id}/certificate", axum::routing::post(crate::certs::issue_certificate))
+        .route("/api/v1/devices/{id}/certificates", get(certs::list_certificates).post(certs::record_certificate))
+        .route("/api/v1/devices/{id}/revoke", axum::routing::post(crate::certs::revoke_device))
+        .route("/api/v1/claim-tokens", get(crate::certs::list_claim_tokens).post(crate::certs::create_claim_token))
+        .route("/api/v1/claim", axum::routing::post(crate::certs::claim))
         .route("/api/v1/drift", get(drift_rows))
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/samples", get(list_samples))
@@ -70,25 +78,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Flotilla control plane API", description = "Devices, bundles, staged rollouts, drift and retraining. Every call but /api/v1/health needs `Authorization: Bearer TOKEN`."),
-    paths(health, whoami, list_devices, get_device, tag_device, enroll_device, unenroll_device, drift_rows, list_alerts, list_samples, pull_samples, sample_upload, list_bundles, push_bundle, download_bundle, create_rollout, list_rollouts, get_rollout, command_rollout, list_events, get_root, push_root, list_policies, get_policy, put_policy, delete_policy, list_jobs, get_job, start_job, approve_job, cancel_job, upload_candidate, job_file, list_tokens, create_token, revoke_token, openapi_json),
+    paths(health, whoami, list_devices, get_device, tag_device, enroll_device, unenroll_device, crate::certs::issue_certificate, crate::certs::list_certificates, crate::certs::record_certificate, crate::certs::revoke_device, crate::certs::list_claim_tokens, crate::certs::create_claim_token, crate::certs::claim, drift_rows, list_alerts, list_samples, pull_samples, sample_upload, list_bundles, push_bundle, download_bundle, create_rollout, list_rollouts, get_rollout, command_rollout, list_events, get_root, push_root, list_policies, get_policy, put_policy, delete_policy, list_jobs, get_job, start_job, approve_job, cancel_job, upload_candidate, job_file, list_tokens, create_token, revoke_token, openapi_json),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
-
-/// The errors any API route may answer with, each a JSON [`ApiError`]; listed once here and
-/// named in every route's `responses(...)`.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)] // a description for the OpenAPI document, never constructed
-enum ApiErrors {
-    #[response(status = 400, description = "error")]
-    BadRequest(ApiError),
-    #[response(status = 401, description = "error")]
-    Unauthorized(ApiError),
-    #[response(status = 403, description = "error")]
-    Forbidden(ApiError),
-    #[response(status = 404, description = "error")]
-    NotFound(ApiError),
-}
 
 struct BearerAuth;
 
@@ -108,39 +101,6 @@ impl utoipa::Modify for BearerAuth {
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
-
-pub struct Error(pub StatusCode, pub ApiError);
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.1.message)?;
-        match &self.1.hint {
-            Some(h) => write!(f, " ({h})"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Error {
-    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
-        Error(status, ApiError { code: code.into(), message: message.into(), hint: hint.map(String::from) })
-    }
-}
-
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
-impl From<anyhow::Error> for Error {
-    fn from(e: anyhow::Error) -> Self {
-        tracing::error!(error = %format!("{e:#}"), "internal error");
-        Error::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}"), None)
-    }
-}
-
-type Result<T> = std::result::Result<T, Error>;
 
 /// Every error answer is JSON with a stable `code`: axum's own rejections (a query that does
 /// not parse, an unknown route, a wrong method) are plain text, and become
@@ -190,13 +150,6 @@ async fn json_errors(resp: Response) -> Response {
 )]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 fn device(row: DeviceRow) -> Device {
@@ -286,12 +239,6 @@ async fn tag_device(
         ));
     }
     get_device(State(s), Path(id)).await
-}
-
-/// A JSON request body, or a 400 `bad_request` saying what was wrong with it (and how to send
-/// it right).
-fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<&str>) -> Result<T> {
-    body.map(|Json(t)| t).map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), hint))
 }
 
 #[utoipa::path(

@@ -5,16 +5,20 @@
 //! chunks ([`fleet`]), the rollout driver ([`driver`]), and the HTTP API ([`http`]). All fleet
 //! state is in the SQLite [`store`].
 
+pub mod api_error;
 pub mod auth;
 pub mod broker;
 pub mod bundles;
+pub mod certs;
 pub mod drift;
 pub mod driver;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
+pub mod pki;
 pub mod retrain;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,8 +42,12 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     /// Where the embedded broker listens (ignored with `external_broker`).
     pub mqtt: SocketAddr,
-    /// `mqtt://HOST:PORT` of an external broker (Mosquitto, EMQX) instead of the embedded one.
+    /// `mqtts://HOST:PORT` (or `mqtt://` in plain TCP) of an external broker (Mosquitto, EMQX)
+    /// instead of the embedded one. Over TLS the control plane presents a certificate for
+    /// `flotilla-server` from the fleet CA ([`pki::mosquitto_files`] sets Mosquitto up for it).
     pub external_broker: Option<String>,
+    /// The CA an external broker's certificate is from (default: the fleet CA).
+    pub broker_ca: Option<PathBuf>,
     pub broker_username: Option<String>,
     pub broker_password: Option<String>,
     /// When set, pushed bundles must verify under it.
@@ -65,6 +73,13 @@ pub struct ServerConfig {
     /// (`PUT /api/v1/devices/{id}/credential`); without it, unknown devices may join (open
     /// enrollment) and enrolled ones must give their password.
     pub require_device_password: bool,
+    /// Plain TCP for the API and the broker: no TLS, no device certificates. For a trusted
+    /// network only; every start logs a warning.
+    pub insecure_plaintext: bool,
+    /// An operator's server certificate, more client CAs, more names ([`pki`]).
+    pub tls: pki::TlsOptions,
+    /// How long device certificates the fleet CA issues are valid.
+    pub device_cert_lifetime_secs: i64,
 }
 
 impl ServerConfig {
@@ -74,6 +89,7 @@ impl ServerConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
             external_broker: None,
+            broker_ca: None,
             broker_username: None,
             broker_password: None,
             trust_root: None,
@@ -84,6 +100,9 @@ impl ServerConfig {
             drift_period_secs: 60,
             retrain_key: None,
             require_device_password: false,
+            insecure_plaintext: false,
+            tls: pki::TlsOptions::default(),
+            device_cert_lifetime_secs: pki::DEFAULT_DEVICE_LIFETIME,
         }
     }
 }
@@ -114,6 +133,8 @@ pub struct Shared {
     pub metrics: metrics::Counters,
     /// The embedded broker's device passwords (None with an external broker).
     pub broker_auth: Option<Arc<BrokerAuth>>,
+    /// The fleet CA and the server's certificate (None with `--insecure-plaintext`).
+    pub pki: Option<pki::Pki>,
 }
 
 /// A public URL whose port is 0 (`http://10.0.2.2:0`, as devices behind a NAT see the host)
@@ -135,10 +156,13 @@ pub struct Server {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
     data_dir: PathBuf,
+    /// The external broker is spoken to in plain TCP.
+    mqtt_login_plain: bool,
 }
 
 impl Server {
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
+        flotilla_pki::tls::install_default_provider();
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
         let files = BundleFiles::open(&cfg.data_dir)?;
@@ -157,22 +181,54 @@ impl Server {
                 tracing::warn!(key = %k.key_id().0, "the retrain key is not among the trust root's targets signers: retrained bundles will wait for approval");
             }
         }
+        let pki = if cfg.insecure_plaintext {
+            tracing::warn!(
+                "--insecure-plaintext: the API and the broker speak plain TCP; tokens, passwords, models and samples cross the network readable by anyone on it"
+            );
+            None
+        } else {
+            let mut extra = cfg.tls.names.clone();
+            if let Some(host) = cfg.public_url.as_deref().and_then(url_host) {
+                extra.push(host);
+            }
+            let names = pki::server_names(&[cfg.http.ip(), cfg.mqtt.ip()], &extra);
+            let mut p = pki::Pki::open(&cfg.data_dir, &cfg.tls, &names, now_s())?;
+            p.device_lifetime = cfg.device_cert_lifetime_secs.max(3600);
+            Some(p)
+        };
+        let tls_config = |auth: flotilla_pki::tls::ClientAuth| -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+            let Some(p) = &pki else { return Ok(None) };
+            let mut c = flotilla_pki::tls::server_config(&p.server, Some(&p.client_ca_pem), auth)?;
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Some(Arc::new(c)))
+        };
         let mut broker_auth = None;
         let (broker, login) = match &cfg.external_broker {
             None => {
                 let mut auth = BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id());
                 auth.require_device_password = cfg.require_device_password;
+                auth.certificates = pki.is_some();
                 for (device, hash, _) in store.device_credentials()? {
                     auth.set_device_password(&device, hash);
                 }
+                let (devices, serials) = store.revocations()?;
+                devices.iter().for_each(|d| {
+                    auth.revoke_device(d);
+                });
+                serials.iter().for_each(|s| auth.revoke_serial(s));
                 let auth = Arc::new(auth);
                 broker_auth = Some(auth.clone());
-                let b = EmbeddedBroker::start(cfg.mqtt, auth.clone()).await?;
+                let mut mqtt_tls = tls_config(flotilla_pki::tls::ClientAuth::Required)?;
+                if let Some(c) = mqtt_tls.as_mut() {
+                    Arc::get_mut(c).expect("fresh").alpn_protocols.clear();
+                }
+                let b = EmbeddedBroker::start(cfg.mqtt, auth.clone(), mqtt_tls).await?;
                 let login = BrokerLogin {
-                    host: b.addr.ip().to_string(),
-                    port: b.addr.port(),
+                    host: b.internal.ip().to_string(),
+                    port: b.internal.port(),
                     username: Some(auth.server_username.clone()),
                     password: Some(auth.server_password().to_string()),
+                    tls: None,
                 };
                 (Some(b), login)
             }
@@ -182,14 +238,42 @@ impl Server {
                         "--require-device-password applies to the embedded broker; an external broker checks devices with its own password file"
                     );
                 }
-                let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+                let (tls, rest) = match url.split_once("://") {
+                    Some(("mqtts" | "ssl" | "tls", rest)) => (true, rest),
+                    Some(("mqtt" | "tcp", rest)) => (false, rest),
+                    None => (true, url.as_str()),
+                    Some((scheme, _)) => {
+                        anyhow::bail!("--broker {url:?}: unknown scheme {scheme:?} (mqtts:// or mqtt://)")
+                    }
+                };
                 let (host, port) =
-                    rest.rsplit_once(':').with_context(|| format!("--broker {url:?}: expected mqtt://HOST:PORT"))?;
+                    rest.rsplit_once(':').with_context(|| format!("--broker {url:?}: expected mqtts://HOST:PORT"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let tls = match (tls, &pki) {
+                    (false, _) => {
+                        tracing::warn!(broker = %url, "the external broker is plain mqtt://: commands and telemetry cross the network readable by anyone on it");
+                        None
+                    }
+                    (true, None) => anyhow::bail!(
+                        "--broker {url}: TLS to the broker needs the fleet CA, which --insecure-plaintext turns off"
+                    ),
+                    (true, Some(p)) => {
+                        let ca = match &cfg.broker_ca {
+                            Some(f) => {
+                                std::fs::read_to_string(f).with_context(|| format!("--broker-ca {}", f.display()))?
+                            }
+                            None => p.ca.cert_pem().to_string(),
+                        };
+                        let me = p.ca.device(flotilla_proto::SERVER_IDENTITY, now_s(), 30 * 86_400)?;
+                        Some(Arc::new(flotilla_pki::tls::client_config(&ca, Some(&me))?))
+                    }
+                };
                 let login = BrokerLogin {
                     host: host.into(),
                     port: port.trim_end_matches('/').parse().with_context(|| format!("--broker {url:?}: bad port"))?,
                     username: cfg.broker_username.clone(),
                     password: cfg.broker_password.clone(),
+                    tls,
                 };
                 (None, login)
             }
@@ -204,15 +288,18 @@ impl Server {
         let listener =
             tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP on {}", cfg.http))?;
         let http_addr = listener.local_addr()?;
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let public_url = cfg
             .public_url
             .as_deref()
             .map(|u| with_bound_port(u, http_addr.port()))
-            .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("http://{http_addr}")))
+            .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("{scheme}://{http_addr}")))
             .map(|u| u.trim_end_matches('/').to_string());
+        let https = tls_config(flotilla_pki::tls::ClientAuth::None)?;
         // One session per data directory (a second server on the same store would take it over).
         let dir_id = cfg.data_dir.canonicalize().unwrap_or_else(|_| cfg.data_dir.clone());
         let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
+        let mqtt_login_plain = login.tls.is_none();
         let (client, eventloop) =
             fleet::client(&login, &format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16]));
         let shared = Arc::new(Shared {
@@ -234,6 +321,7 @@ impl Server {
             capability_key,
             metrics: Default::default(),
             broker_auth,
+            pki,
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -246,17 +334,75 @@ impl Server {
         tasks.push(tokio::spawn(driver::run(shared.clone(), cancel.clone())));
         tasks.push(tokio::spawn(retrain::run(shared.clone(), cancel.clone())));
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-        }));
-        let endpoints = serde_json::json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string() });
+        match https {
+            Some(config) => {
+                let listener = tls::HttpsListener::new(listener, config)?;
+                tasks.push(tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+                }));
+            }
+            None => tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            })),
+        }
+        // `http`/`mqtt` stay bare host:port (scripts read them); the rest says how to speak to them.
+        let mut endpoints = serde_json::json!({
+            "http": http_addr.to_string(),
+            "mqtt": mqtt_addr.to_string(),
+            "scheme": scheme,
+            "mqtt_scheme": match (&cfg.external_broker, &shared.pki) {
+                (None, Some(_)) => "mqtts",
+                (None, None) => "mqtt",
+                (Some(u), _) if u.starts_with("mqtt://") || u.starts_with("tcp://") => "mqtt",
+                (Some(_), _) => "mqtts",
+            },
+        });
+        if let Some(p) = &shared.pki {
+            let ca = p.ca_path.canonicalize().unwrap_or_else(|_| p.ca_path.clone());
+            endpoints["ca"] = ca.to_string_lossy().into();
+        }
+        if let Some(u) = &shared.public_url {
+            endpoints["public_url"] = u.as_str().into();
+        }
         std::fs::write(cfg.data_dir.join("endpoints.json"), endpoints.to_string())?;
         tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %cfg.data_dir.display(), "flotilla-server started");
-        Ok(Server { shared, broker, cancel, tasks, http_addr, mqtt_addr, data_dir: cfg.data_dir.clone() })
+        Ok(Server {
+            shared,
+            broker,
+            cancel,
+            tasks,
+            http_addr,
+            mqtt_addr,
+            data_dir: cfg.data_dir.clone(),
+            mqtt_login_plain,
+        })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The fleet CA's certificate file (None with `--insecure-plaintext`).
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.shared.pki.as_ref().map(|p| p.ca_path.clone())
+    }
+
+    /// `https://HOST:PORT` (or `http://` without TLS) of the API as bound.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.shared.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
+    }
+
+    /// `mqtts://HOST:PORT` (or `mqtt://` without TLS) of the embedded broker as bound.
+    pub fn mqtt_url(&self) -> String {
+        let plain_external = self.broker.is_none() && self.mqtt_login_plain;
+        let scheme = if self.shared.pki.is_some() && !plain_external { "mqtts" } else { "mqtt" };
+        format!("{scheme}://{}", self.mqtt_addr)
+    }
+
+    /// Issue a device certificate with a key made here (recorded for revocation).
+    pub fn issue_device_cert(&self, device: &str) -> anyhow::Result<flotilla_pki::Identity> {
+        pki::issue_recorded(&self.shared, device, "issued")
     }
 
     /// The admin token written on the first start (`DATA_DIR/admin.token`), if it is still there.
@@ -306,6 +452,17 @@ fn load_trust(store: &Store, configured: Option<&std::path::Path>) -> anyhow::Re
     Ok(Some(anchor.rotate_chain(&chain, now).context("the store's trust root chain")?))
 }
 
+/// The host of a URL (`https://fleet.example:8443/x` → `fleet.example`), brackets removed.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 /// RFC 3339 of milliseconds since the epoch.
 pub fn rfc3339_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -338,5 +495,14 @@ mod tests {
         assert_eq!(w("https://fleet.example", 4711), "https://fleet.example");
         assert_eq!(w("http://fleet.example:8080", 4711), "http://fleet.example:8080");
         assert_eq!(w("http://[::1]:0", 9), "http://[::1]:9");
+    }
+
+    #[test]
+    fn url_hosts() {
+        use super::url_host as h;
+        assert_eq!(h("https://fleet.example:8443/x").as_deref(), Some("fleet.example"));
+        assert_eq!(h("http://10.0.2.2:0").as_deref(), Some("10.0.2.2"));
+        assert_eq!(h("https://[fd00::1]:9/").as_deref(), Some("fd00::1"));
+        assert_eq!(h("https://fleet.example").as_deref(), Some("fleet.example"));
     }
 }

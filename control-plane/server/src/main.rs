@@ -8,16 +8,25 @@ use flotilla_server::{Server, ServerConfig};
 
 const EXAMPLE: &str = "\
 Example:
-  flotilla-server --data-dir ./fleet --http 127.0.0.1:8080 --mqtt 0.0.0.0:1883 --trust-root root.cbor
-  # the first start writes an admin token to ./fleet/admin.token; more tokens:
-  flotilla-server token create --data-dir ./fleet --role operator --name ci";
+  flotilla-server --data-dir ./fleet --http 0.0.0.0:8443 --mqtt 0.0.0.0:8883 \
+      --tls-name fleet.example --trust-root root.cbor
+  # the first start writes an admin token to ./fleet/admin.token and makes the fleet CA
+  # (./fleet/pki/ca.pem: devices and the CLI pin it) and a server certificate; more tokens:
+  flotilla-server token create --data-dir ./fleet --role operator --name ci
+  # an operator's own PKI: --tls-cert/--tls-key for the server, --client-ca for device
+  # certificates it issued; put an intermediate CA at ./fleet/pki/ca.{pem,key} to issue from it";
 
 /// The Flotilla control plane: device registry, bundle store, rollouts, with an embedded MQTT
 /// broker and SQLite store by default.
 ///
 /// Once listening it writes DATA_DIR/endpoints.json with the bound `http` and `mqtt`
-/// addresses (use port 0 to let the system pick). Every API call but the health check needs a
-/// bearer token: the first start writes an admin token to DATA_DIR/admin.token (mode 0600).
+/// addresses (use port 0 to let the system pick), the `scheme` (https) and the fleet CA's path
+/// (`ca`). Every API call but the health check needs a bearer token: the first start writes an
+/// admin token to DATA_DIR/admin.token (mode 0600).
+///
+/// Everything runs over TLS: HTTPS for the API and console, MQTT over mutual TLS where each
+/// device's certificate (CN = device id) is its identity. The first start makes a fleet CA in
+/// DATA_DIR/pki; `--insecure-plaintext` turns TLS off for a trusted network.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_help = EXAMPLE)]
 struct Args {
@@ -32,9 +41,14 @@ struct Args {
     /// Embedded MQTT broker address (devices connect here).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt: SocketAddr,
-    /// Use an external broker (mqtt://HOST:PORT) instead of the embedded one.
+    /// Use an external broker instead of the embedded one: mqtts://HOST:PORT (the control
+    /// plane presents a flotilla-server certificate from the fleet CA; `flotilla-server
+    /// mosquitto` writes Mosquitto's side) or mqtt://HOST:PORT in plain TCP.
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
+    /// The CA the external broker's certificate is from (default: the fleet CA).
+    #[arg(long, value_name = "PEM", requires = "broker")]
+    broker_ca: Option<PathBuf>,
     /// Username for the external broker.
     #[arg(long, requires = "broker")]
     broker_username: Option<String>,
@@ -74,6 +88,26 @@ struct Args {
     /// MQTT topic prefix.
     #[arg(long, default_value = flotilla_proto::topics::DEFAULT_PREFIX)]
     topic_prefix: String,
+    /// Plain TCP for the API and the broker (no TLS, no device certificates; device passwords
+    /// and open enrollment as before). For a trusted network only: warns at every start.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
+    insecure_plaintext: bool,
+    /// The server's certificate chain (PEM) instead of one the fleet CA issues.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also accept device certificates issued by these CAs (PEM), besides the fleet CA.
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+    /// A name or address the server certificate must carry (repeatable), besides localhost,
+    /// the loopback addresses, the host name, the addresses bound and --public-url's host.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
+    /// How long device certificates are valid (e.g. 365d); agents renew a third before the end.
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+    device_cert_lifetime: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -81,6 +115,23 @@ enum Cmd {
     /// API tokens, made and revoked on the store directly (the server may be running).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Set Debian's Mosquitto up for the fleet's certificates: writes OUT/mosquitto.conf (a
+    /// listener with require_certificate and use_identity_as_username), the fleet CA, a broker
+    /// certificate for --name, and flotilla.acl (each device its own topics). Makes the fleet CA
+    /// if the data directory has none. Then: chown mosquitto: OUT/broker.key (Mosquitto drops to
+    /// its own user), mosquitto -c OUT/mosquitto.conf, and flotilla-server --broker
+    /// mqtts://HOST:PORT.
+    Mosquitto {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Where Mosquitto listens, HOST:PORT.
+        #[arg(long, default_value = "0.0.0.0:8883")]
+        listen: String,
+        /// A name or address the broker certificate carries (repeatable), besides localhost and
+        /// the loopback addresses.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -124,6 +175,20 @@ fn token(cmd: TokenCmd, data_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `365d`, `12h`, `30m`, `45s`.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit (365d, 12h, 30m, 45s)"))?;
+    let unit = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (d, h, m or s)")),
+    };
+    Ok(n * unit)
+}
+
 fn parse_secs(s: &str) -> Result<u64, String> {
     match flotilla_drift::Window::parse(s)? {
         flotilla_drift::Window::Seconds(n) => Ok(n),
@@ -145,17 +210,38 @@ async fn main() {
         eprintln!("flotilla-server: --data-dir DIR (or FLOTILLA_DATA_DIR) is required");
         std::process::exit(2);
     };
-    if let Some(Cmd::Token(t)) = a.cmd {
-        if let Err(e) = token(t, &data_dir) {
-            eprintln!("flotilla-server: {e:#}");
-            std::process::exit(1);
+    match a.cmd {
+        Some(Cmd::Token(t)) => {
+            if let Err(e) = token(t, &data_dir) {
+                eprintln!("flotilla-server: {e:#}");
+                std::process::exit(1);
+            }
+            return;
         }
-        return;
+        Some(Cmd::Mosquitto { out, listen, names }) => {
+            match flotilla_server::pki::mosquitto_files(&data_dir, &out, &names, &a.topic_prefix, &listen) {
+                Ok(conf) => {
+                    println!("{}", conf.display());
+                    eprintln!(
+                        "next: chown mosquitto: {} && mosquitto -c {}",
+                        out.join("broker.key").display(),
+                        conf.display()
+                    );
+                }
+                Err(e) => {
+                    eprintln!("flotilla-server: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+        None => {}
     }
     let mut cfg = ServerConfig::new(data_dir);
     cfg.http = a.http;
     cfg.mqtt = a.mqtt;
     cfg.external_broker = a.broker;
+    cfg.broker_ca = a.broker_ca;
     cfg.broker_username = a.broker_username;
     cfg.broker_password = a.broker_password;
     cfg.trust_root = a.trust_root;
@@ -166,6 +252,14 @@ async fn main() {
     cfg.drift_cohort_key = a.drift_cohort_key;
     cfg.drift_period_secs = a.drift_period;
     cfg.retrain_key = a.retrain_key;
+    cfg.insecure_plaintext = a.insecure_plaintext;
+    cfg.tls = flotilla_server::pki::TlsOptions {
+        cert: a.tls_cert,
+        key: a.tls_key,
+        client_ca: a.client_ca,
+        names: a.tls_names,
+    };
+    cfg.device_cert_lifetime_secs = a.device_cert_lifetime as i64;
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

@@ -21,7 +21,7 @@ pub struct Counters {
 pub async fn render(State(s): State<Arc<Shared>>) -> Response {
     match text(&s) {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
-        Err(e) => crate::http::Error::from(e).into_response(),
+        Err(e) => crate::api_error::Error::from(e).into_response(),
     }
 }
 

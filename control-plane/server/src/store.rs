@@ -7,6 +7,9 @@ use std::sync::Mutex;
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod certs;
+pub use certs::{ClaimTokenRow, DeviceCertRow};
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
@@ -291,6 +294,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(certs::SCHEMA)?;
         add_column(&conn, "devices", "root_version", "INTEGER")?;
         // Tags set on the server (`flotilla devices tag`); they win over the device's own.
         add_column(&conn, "devices", "server_tags", "TEXT NOT NULL DEFAULT '{}'")?;

@@ -22,7 +22,7 @@ async fn tokens_made_on_the_command_line() {
     cfg.http = "127.0.0.1:0".parse().unwrap();
     cfg.mqtt = "127.0.0.1:0".parse().unwrap();
     let server = Server::start(cfg).await.unwrap();
-    let api = format!("http://{}", server.http_addr);
+    let api = server.api_url();
     let d = data.to_str().unwrap();
 
     let (ok, token, err) = server_cmd(&["token", "create", "--data-dir", d, "--role", "operator", "--name", "ci"]);
@@ -33,7 +33,11 @@ async fn tokens_made_on_the_command_line() {
     assert!(ls.contains("operator") && ls.contains("ci") && ls.contains("admin"), "{ls}");
     assert!(!ls.contains(token.trim()), "the secret is never listed");
 
-    let http = reqwest::Client::new();
+    let ca = std::fs::read_to_string(server.ca_path().unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(flotilla_pki::tls::client_config(&ca, None).unwrap())
+        .build()
+        .unwrap();
     let who = |t: String| {
         let http = http.clone();
         let url = format!("{api}/api/v1/whoami");

@@ -32,8 +32,10 @@ pub struct FleetOptions {
     /// Signatures the trust root's `targets` role needs, of the operator's key and the server's
     /// automation key (retraining). 1: either alone; 2: a retrained bundle also needs a person.
     pub targets_threshold: u32,
-    /// The embedded broker admits only devices enrolled with a password.
+    /// The embedded broker admits only devices enrolled with a password (plain TCP only).
     pub require_device_password: bool,
+    /// No TLS anywhere (`--insecure-plaintext`): device passwords and open enrollment.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for FleetOptions {
@@ -45,6 +47,7 @@ impl Default for FleetOptions {
             chunk_size: None,
             targets_threshold: 1,
             require_device_password: false,
+            insecure_plaintext: false,
         }
     }
 }
@@ -112,11 +115,13 @@ impl Fleet {
         cfg.public_url = opts.public_url;
         cfg.retrain_key = Some(automation_path);
         cfg.require_device_password = opts.require_device_password;
+        cfg.insecure_plaintext = opts.insecure_plaintext;
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }
         let server = Server::start(cfg.clone()).await?;
         let token = server.admin_token().context("the server wrote no admin token")?;
+        let http = authorized_client(&token, server.ca_path().as_deref())?;
         cfg.http = server.http_addr;
         if cfg.external_broker.is_none() {
             cfg.mqtt = server.mqtt_addr;
@@ -129,7 +134,7 @@ impl Fleet {
             key,
             automation_key,
             root_path,
-            http: authorized_client(&token)?,
+            http,
             token,
         };
         for i in 0..devices {
@@ -139,12 +144,44 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// An agent's configuration as it would be flashed: the broker, the fleet CA and a device
+    /// certificate the fleet CA issued (made once per device, kept in its directory).
     pub fn agent_config(&self, id: &str) -> AgentConfig {
-        let broker = BrokerUrl { host: "127.0.0.1".into(), port: self.server.mqtt_addr.port() };
+        let mut cfg = self.agent_config_without_certificate(id);
+        if cfg.broker.tls {
+            let (cert, key) = self.flashed_certificate(id).expect("issuing a device certificate");
+            cfg.cert = Some(cert);
+            cfg.key = Some(key);
+        }
+        cfg
+    }
+
+    /// As [`Fleet::agent_config`] with no certificate (to claim one, say).
+    pub fn agent_config_without_certificate(&self, id: &str) -> AgentConfig {
+        // TLS unless the fleet runs without (--insecure-plaintext) or on a plain mqtt:// broker.
+        let plain_broker = self.server_cfg.external_broker.as_deref().is_some_and(|u| u.starts_with("mqtt://"));
+        let tls = self.server.ca_path().is_some() && !plain_broker;
+        let port = self.server.mqtt_addr.port();
+        let broker = if tls { BrokerUrl::tls("127.0.0.1", port) } else { BrokerUrl::plain("127.0.0.1", port) };
         let mut cfg = AgentConfig::new(self.dir.join("agents").join(id), id, broker, self.root_path.clone());
         cfg.api = "127.0.0.1:0".parse().expect("address");
         cfg.health_interval_secs = 1;
+        cfg.ca = self.server.ca_path();
         cfg
+    }
+
+    /// `agents/ID/flashed/device.{pem,key}`: a certificate the fleet CA issued for `id`, as
+    /// `flotilla-image personalise` writes into an image (issued on first use).
+    pub fn flashed_certificate(&self, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let dir = self.dir.join("flashed").join(id);
+        let (cert, key) = (dir.join("device.pem"), dir.join("device.key"));
+        if !cert.exists() {
+            std::fs::create_dir_all(&dir)?;
+            let ident = self.server.issue_device_cert(id)?;
+            std::fs::write(&key, &ident.key_pem)?;
+            std::fs::write(&cert, &ident.cert_pem)?;
+        }
+        Ok((cert, key))
     }
 
     /// Stop the control plane (and its embedded broker) and start it again on the same store
@@ -192,8 +229,9 @@ impl Fleet {
         &self.agents.iter().find(|(i, _)| i == id).expect("agent id").1
     }
 
+    /// `https://127.0.0.1:PORT` of the control plane's API (http:// without TLS).
     pub fn api(&self) -> String {
-        format!("http://{}", self.server.http_addr)
+        self.server.api_url()
     }
 
     /// Build and sign a bundle with the fleet's key.
@@ -394,13 +432,27 @@ impl Fleet {
     }
 }
 
-/// An HTTP client that sends `Authorization: Bearer TOKEN` with every request.
-pub fn authorized_client(token: &str) -> anyhow::Result<reqwest::Client> {
+/// An HTTP client that sends `Authorization: Bearer TOKEN` with every request and trusts the
+/// fleet CA at `ca` alone (plain http:// works too, for agents' local APIs).
+pub fn authorized_client(token: &str, ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
     value.set_sensitive(true);
     headers.insert(reqwest::header::AUTHORIZATION, value);
-    Ok(reqwest::Client::builder().default_headers(headers).build()?)
+    Ok(client_builder(ca)?.default_headers(headers).build()?)
+}
+
+/// A client builder trusting the fleet CA at `ca` alone (ring-based rustls).
+pub fn client_builder(ca: Option<&Path>) -> anyhow::Result<reqwest::ClientBuilder> {
+    flotilla_pki::tls::install_default_provider();
+    let b = reqwest::Client::builder();
+    Ok(match ca {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            b.tls_backend_preconfigured(flotilla_pki::tls::client_config(&pem, None)?)
+        }
+        None => b,
+    })
 }
 
 /// Add `key`'s signature to a bundle held in memory.

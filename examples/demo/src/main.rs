@@ -108,13 +108,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let fleet = Arc::new(Fleet::start(&dir, args.devices.max(2)).await?);
     tl.step(format!(
-        "control plane up: HTTP {} , embedded MQTT broker {} , store {}",
-        fleet.server.http_addr,
-        fleet.server.mqtt_addr,
+        "control plane up: {} , embedded MQTT broker {} , store {}",
+        fleet.server.api_url(),
+        fleet.server.mqtt_url(),
         dir.join("server/fleet.db").display()
     ));
+    if let Some(ca) = fleet.server.ca_path() {
+        tl.detail(format!(
+            "fleet CA {} (devices and the CLI pin it); every device holds a certificate for its id",
+            ca.display()
+        ));
+    }
     let ids: Vec<String> = fleet.agents.iter().map(|(id, _)| id.clone()).collect();
-    tl.step(format!("{} agents connected: {}", ids.len(), ids.join(", ")));
+    tl.step(format!("{} agents connected over mutual TLS: {}", ids.len(), ids.join(", ")));
 
     // Half the fleet is in the lab, half in the field (server-side tags, `flotilla devices tag`).
     let groups: Vec<(String, &str)> =

@@ -184,13 +184,14 @@ async fn a_candidate_that_does_not_beat_the_current_model_is_rejected() {
 
 /// An external pipeline: receives the job, fetches the base model and samples over HTTP,
 /// trains, and uploads the candidate.
-async fn pipeline() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// It trusts the fleet CA (`ca`), as a pipeline given the fleet's CA file would.
+async fn pipeline(ca: Option<std::path::PathBuf>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use axum::routing::post;
     let app = axum::Router::new().route(
         "/train",
-        post(|axum::Json(call): axum::Json<serde_json::Value>| async move {
+        post(move |axum::Json(call): axum::Json<serde_json::Value>| async move {
             tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http = flotilla_demo::client_builder(ca.as_deref()).unwrap().build().unwrap();
                 let get = |u: &str| http.get(u.to_string()).send();
                 let base = get(call["base_model_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
                 let samples = get(call["samples_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
@@ -215,7 +216,7 @@ async fn pipeline() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
 async fn a_webhook_pipeline_trains_and_the_model_rolls_out_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = field_fleet(dir.path(), 2, 40, FleetOptions::default()).await;
-    let (addr, server) = pipeline().await;
+    let (addr, server) = pipeline(fleet.server.ca_path()).await;
     let hook = json!({ "webhook": format!("http://{addr}/train") });
     fleet.set_retrain_policy(&policy(hook, json!({ "rollout": { "baseline": "previous" } }))).await.unwrap();
     let job = start_job(&fleet).await;

@@ -15,10 +15,10 @@ pub struct ControlPlane {
     pub server: Server,
     /// Holds every role of `DIR/root.cbor`: it signs the bundles.
     pub key: SecretKey,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub api: String,
-    /// `mqtt://127.0.0.1:PORT`, for the agent's --broker.
-    pub broker: String,
+    /// The broker and the fleet CA, for the agent's flags.
+    pub broker: Broker,
     /// Sends the admin token (the control plane's API wants it; the agent's local API ignores it).
     pub http: reqwest::Client,
 }
@@ -32,7 +32,10 @@ pub async fn control_plane(dir: &Path) -> ControlPlane {
     cfg.http = "127.0.0.1:0".parse().unwrap();
     cfg.mqtt = "127.0.0.1:0".parse().unwrap();
     let server = Server::start(cfg).await.unwrap();
+    let ca = server.ca_path().unwrap();
+    let pem = std::fs::read_to_string(&ca).unwrap();
     let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(flotilla_pki::tls::client_config(&pem, None).unwrap())
         .default_headers(reqwest::header::HeaderMap::from_iter([(
             reqwest::header::AUTHORIZATION,
             format!("Bearer {}", server.admin_token().unwrap()).parse().unwrap(),
@@ -40,10 +43,45 @@ pub async fn control_plane(dir: &Path) -> ControlPlane {
         .build()
         .unwrap();
     ControlPlane {
-        api: format!("http://{}", server.http_addr),
-        broker: format!("mqtt://127.0.0.1:{}", server.mqtt_addr.port()),
+        api: server.api_url(),
+        broker: Broker { url: server.mqtt_url(), ca, dir: dir.to_path_buf() },
         server,
         key,
         http,
     }
+}
+
+/// What an agent process needs to join: the broker's URL, the fleet CA, and a certificate.
+pub struct Broker {
+    pub url: String,
+    pub ca: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Broker {
+    /// `--broker URL --ca CA --cert C --key K` with a certificate the fleet CA issues for `id`
+    /// (made once, as `flotilla-image personalise` would flash it).
+    pub fn args(&self, id: &str) -> Vec<String> {
+        let cert = self.dir.join(format!("{id}.pem"));
+        let key = self.dir.join(format!("{id}.key"));
+        if !cert.exists() {
+            let pki = self.ca.parent().unwrap();
+            let ca = flotilla_pki::Ca::load(
+                &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+                &std::fs::read_to_string(pki.join("ca.key")).unwrap(),
+            )
+            .unwrap();
+            let ident = ca.device(id, now() as i64, 86_400).unwrap();
+            std::fs::write(&cert, ident.cert_pem).unwrap();
+            std::fs::write(&key, ident.key_pem).unwrap();
+        }
+        [("--broker", self.url.clone()), ("--ca", path(&self.ca)), ("--cert", path(&cert)), ("--key", path(&key))]
+            .into_iter()
+            .flat_map(|(k, v)| [k.to_string(), v])
+            .collect()
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
 }

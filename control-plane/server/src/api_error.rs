@@ -1,0 +1,71 @@
+//! What every API handler answers with when it fails: an HTTP status and a JSON
+//! [`ApiError`] (`code`, `message`, `hint`), and the small helpers the handlers share. Below
+//! every handler module, so they depend on it and not on each other.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flotilla_api::v1::ApiError;
+
+/// The errors any API route may answer with, each a JSON [`ApiError`]; listed once here and
+/// named in every route's `responses(...)`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description for the OpenAPI document, never constructed
+pub(crate) enum ApiErrors {
+    #[response(status = 400, description = "error")]
+    BadRequest(ApiError),
+    #[response(status = 401, description = "error")]
+    Unauthorized(ApiError),
+    #[response(status = 403, description = "error")]
+    Forbidden(ApiError),
+    #[response(status = 404, description = "error")]
+    NotFound(ApiError),
+}
+
+pub struct Error(pub StatusCode, pub ApiError);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.1.message)?;
+        match &self.1.hint {
+            Some(h) => write!(f, " ({h})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
+        Error(status, ApiError { code: code.into(), message: message.into(), hint: hint.map(String::from) })
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = %format!("{e:#}"), "internal error");
+        Error::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}"), None)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A JSON request body, or a 400 `bad_request` saying what was wrong with it (and how to send
+/// it right).
+pub(crate) fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<&str>) -> Result<T> {
+    body.map(|Json(t)| t).map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), hint))
+}
+
+/// RFC 3339 of Unix seconds.
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
