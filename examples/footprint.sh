@@ -2,12 +2,14 @@
 # Measures the agent's footprint as it ships (the `edge` profile: LTO, one codegen unit,
 # stripped): binary size, and idle RSS with no model and with the digits model installed
 # through a real rollout. The control plane and CLI are the release builds.
-#   bash examples/footprint.sh
+#   bash examples/footprint.sh            (FLOTILLA_BIN=target/debug: control plane from the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --profile edge --locked -p flotilla-agent >&2
-cargo build --release --locked -p flotilla-server -p flotilla >&2
-bin=target/release
+# The control plane and CLI only drive the agent: FLOTILLA_BIN=target/debug reuses the test
+# build instead of building them again in release.
+bin=${FLOTILLA_BIN:-target/release}
+[ -n "${FLOTILLA_BIN:-}" ] || cargo build --release --locked -p flotilla-server -p flotilla >&2
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_demo::{Fleet, digits, unix_now};
+use flotilla_demo::{Fleet, FleetOptions, digits, unix_now};
 use flotilla_pki::Identity;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
@@ -340,5 +340,30 @@ async fn a_device_offline_past_its_certificates_end_reports_it_and_recovers_with
         })
         .await
         .unwrap();
+    fleet.shutdown().await;
+}
+
+/// An operator's own device PKI (`--client-ca`): its certificates are admitted as the device
+/// they name, next to the fleet CA's; a CA nobody configured stays out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_of_an_operators_own_ca_are_admitted_with_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = flotilla_pki::Ca::generate("operator's device CA", unix_now() as i64, 86_400).unwrap();
+    let pem = dir.path().join("operator-ca.pem");
+    std::fs::write(&pem, theirs.cert_pem()).unwrap();
+    let tls = flotilla_server::pki::TlsOptions { client_ca: Some(pem), ..Default::default() };
+    let fleet =
+        Fleet::start_with(&dir.path().join("fleet"), 1, FleetOptions { tls, ..FleetOptions::default() }).await.unwrap();
+    let ca = ca_pem(&fleet);
+    let own = theirs.device("their-7", unix_now() as i64, 86_400).unwrap();
+    let (r, ..) = connect(&fleet, &ca, Some(&own), "their-7", "").await;
+    assert!(admitted(&r), "{r:?}");
+    let (r, ..) = connect(&fleet, &ca, Some(&own), "dev-0", "").await;
+    assert!(!admitted(&r), "{r:?}");
+    let nobody = flotilla_pki::Ca::generate("nobody's CA", unix_now() as i64, 86_400).unwrap();
+    let stray = nobody.device("their-8", unix_now() as i64, 86_400).unwrap();
+    let (r, ..) = connect(&fleet, &ca, Some(&stray), "their-8", "").await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(online(&fleet, "dev-0").await);
     fleet.shutdown().await;
 }

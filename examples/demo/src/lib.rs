@@ -36,6 +36,8 @@ pub struct FleetOptions {
     pub require_device_password: bool,
     /// No TLS anywhere (`--insecure-plaintext`): device passwords and open enrollment.
     pub insecure_plaintext: bool,
+    /// An operator's own server certificate, client CAs, names (`--tls-cert`, `--client-ca`, …).
+    pub tls: flotilla_server::pki::TlsOptions,
 }
 
 impl Default for FleetOptions {
@@ -48,6 +50,7 @@ impl Default for FleetOptions {
             targets_threshold: 1,
             require_device_password: false,
             insecure_plaintext: false,
+            tls: Default::default(),
         }
     }
 }
@@ -116,6 +119,7 @@ impl Fleet {
         cfg.retrain_key = Some(automation_path);
         cfg.require_device_password = opts.require_device_password;
         cfg.insecure_plaintext = opts.insecure_plaintext;
+        cfg.tls = opts.tls;
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }
