@@ -96,7 +96,11 @@ async fn tokens_roles_and_capabilities() {
     let url = format!("{api}/api/v1/bundles/{}", pushed.id);
     assert_eq!(status(anon.get(&url)).await.0, 401);
     assert_eq!(status(anon.get(format!("{url}?token=0123456789abcdef0123456789abcdef"))).await.0, 401);
-    let cap = flotilla_server::auth::capability(&fleet.server.shared().capability_key, "bundle", &pushed.id);
+    let cap = flotilla_server::service::tokens::capability(
+        &fleet.server.shared().settings.capability_key,
+        "bundle",
+        &pushed.id,
+    );
     let r = anon.get(format!("{url}?token={cap}")).send().await.unwrap();
     assert_eq!((r.status().as_u16(), r.bytes().await.unwrap().len() as u64), (200, pushed.size));
     // The same capability opens no other path.

@@ -44,7 +44,7 @@ async fn a_shifted_group_alerts_alone_and_offline_windows_arrive_late() {
     for (id, group) in
         [("lab-0", "lab"), ("lab-1", "lab"), ("field-0", "field"), ("field-1", "field"), ("off-0", "offline")]
     {
-        let mut cfg = fleet.agent_config(id);
+        let mut cfg = fleet.agent_config(id).await;
         cfg.tags.insert("group".into(), group.into());
         if id == "off-0" {
             cfg.broker.port = proxy.addr.port();
@@ -141,7 +141,7 @@ async fn count_windows_alert_on_a_burst_and_a_steady_group_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
     for (id, group) in [("lab-0", "lab"), ("lab-1", "lab"), ("field-0", "field"), ("field-1", "field")] {
-        let mut cfg = fleet.agent_config(id);
+        let mut cfg = fleet.agent_config(id).await;
         cfg.tags.insert("group".into(), group.into());
         fleet.start_agent_with(cfg).await.unwrap();
     }

@@ -207,7 +207,7 @@ async fn delta_bundles_send_the_patch_to_devices_holding_the_base_and_the_full_m
     let golden = decode_manifest(&doc.signed).unwrap().artifact(Role::Golden).unwrap().stored_size;
     assert!(matches!(model.encoding, flotilla_bundle::manifest::Encoding::ZstdPatch { .. }), "{model:?}");
     let full = model.full.clone().expect("a full form by default");
-    let served_before = fleet.server.shared().served_http.load(std::sync::atomic::Ordering::Relaxed);
+    let served_before = fleet.server.shared().metrics.served_http.load(std::sync::atomic::Ordering::Relaxed);
     fleet.push(v2).await.unwrap();
     let r = fleet.wait_rollout(&fleet.start_rollout("digits@2").await.unwrap(), ROLLOUT_TIMEOUT).await.unwrap();
     assert_eq!(r.state, "completed", "{r:?}");
@@ -217,7 +217,7 @@ async fn delta_bundles_send_the_patch_to_devices_holding_the_base_and_the_full_m
     }
     // Each device fetched the head, the golden data and exactly one form of the model: the
     // patch where the base is held, the full model elsewhere.
-    let served = fleet.server.shared().served_http.load(std::sync::atomic::Ordering::Relaxed) - served_before;
+    let served = fleet.server.shared().metrics.served_http.load(std::sync::atomic::Ordering::Relaxed) - served_before;
     let with_base = data_offset + model.stored_size + golden;
     let without_base = data_offset + full.stored_size + golden;
     assert_eq!(served, with_base + without_base);

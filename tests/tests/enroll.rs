@@ -47,7 +47,7 @@ async fn only_enrolled_devices_join() {
 
     // pi-1 with its password joins; pi-2 with a wrong one and an unenrolled device do not.
     for (id, password) in [("pi-1", Some("pi-1-secret")), ("pi-2", Some("wrong")), ("stranger", None)] {
-        let mut cfg = fleet.agent_config(id);
+        let mut cfg = fleet.agent_config(id).await;
         cfg.password = password.map(String::from);
         fleet.start_agent_with(cfg).await.unwrap();
     }

@@ -50,7 +50,7 @@ async fn interrupted_install(transport: Transport, brk: Break) -> Outcome {
     };
     let opts = FleetOptions { public_url: Some(public_url), chunk_size: Some(CHUNK), ..FleetOptions::default() };
     let mut fleet = Fleet::start_with(dir.path(), 0, opts).await.unwrap();
-    let mut cfg = fleet.agent_config("dev-0");
+    let mut cfg = fleet.agent_config("dev-0").await;
     match transport {
         Transport::Http => proxy.retarget(fleet.server.http_addr),
         Transport::Mqtt => {
@@ -90,8 +90,8 @@ async fn interrupted_install(transport: Transport, brk: Break) -> Outcome {
     let shared = fleet.server.shared();
     let out = Outcome {
         size,
-        served_http: shared.served_http.load(Ordering::Relaxed),
-        served_mqtt: shared.served_mqtt.load(Ordering::Relaxed),
+        served_http: shared.metrics.served_http.load(Ordering::Relaxed),
+        served_mqtt: shared.metrics.served_mqtt.load(Ordering::Relaxed),
         cuts: proxy.cuts(),
     };
     fleet.shutdown().await;

@@ -52,7 +52,7 @@ async fn mosquitto_with_device_certificates() {
     // dev-1's certificate, claiming dev-0 as client id and username, writes a hello with a tag
     // on dev-0's topic and on its own: only its own lands.
     let ca = std::fs::read_to_string(fleet.server.ca_path().unwrap()).unwrap();
-    let (cert, key) = fleet.flashed_certificate("dev-1").unwrap();
+    let (cert, key) = fleet.flashed_certificate("dev-1").await.unwrap();
     let ident = flotilla_pki::Identity {
         cert_pem: std::fs::read_to_string(cert).unwrap(),
         key_pem: std::fs::read_to_string(key).unwrap(),

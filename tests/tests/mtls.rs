@@ -79,7 +79,7 @@ async fn the_certificate_is_the_identity() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::start(dir.path(), 1).await.unwrap();
     let ca = ca_pem(&fleet);
-    let dev_a = fleet.server.issue_device_cert("dev-a").unwrap();
+    let dev_a = fleet.server.issue_device_cert("dev-a").await.unwrap();
 
     // dev-a's certificate, claiming to be dev-b: refused, whatever the client id or username.
     for (id, user) in [("dev-b", "dev-b"), ("dev-b", ""), ("dev-a", "dev-b"), ("dev-b", "dev-a")] {
@@ -280,7 +280,7 @@ async fn a_certificate_near_its_end_is_renewed_over_the_session_and_survives_a_r
     std::fs::create_dir_all(&flashed).unwrap();
     std::fs::write(flashed.join("device.pem"), &short.cert_pem).unwrap();
     std::fs::write(flashed.join("device.key"), &short.key_pem).unwrap();
-    let mut cfg = fleet.agent_config("renewer");
+    let mut cfg = fleet.agent_config("renewer").await;
     cfg.cert = Some(flashed.join("device.pem"));
     cfg.key = Some(flashed.join("device.key"));
     cfg.cert_renew_before_secs = Some(86_400);
@@ -326,7 +326,7 @@ async fn a_device_offline_past_its_certificates_end_reports_it_and_recovers_with
     let (code, t) =
         status(fleet.http.post(format!("{api}/api/v1/claim-tokens")).json(&json!({"device_id": "sleeper"}))).await;
     assert_eq!(code, 200, "{t}");
-    let mut cfg = fleet.agent_config("sleeper");
+    let mut cfg = fleet.agent_config("sleeper").await;
     cfg.cert = Some(flashed.join("device.pem"));
     cfg.key = Some(flashed.join("device.key"));
     cfg.claim = Some((api.clone(), t["token"].as_str().unwrap().into()));

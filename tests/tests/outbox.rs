@@ -19,7 +19,7 @@ async fn a_rollback_while_offline_is_reported_after_reconnecting() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
     let proxy = Proxy::start(fleet.server.mqtt_addr).await.unwrap();
-    let mut cfg = fleet.agent_config("dev-0");
+    let mut cfg = fleet.agent_config("dev-0").await;
     cfg.broker.port = proxy.addr.port();
     fleet.start_agent_with(cfg.clone()).await.unwrap();
     fleet.wait_devices_online(1).await.unwrap();

@@ -220,7 +220,7 @@ async fn a_model_an_older_agent_installed_untested_keeps_serving_after_the_upgra
 
     // What an older agent did: activate it untested. Then the upgraded agent starts.
     fleet.kill_agent("dev-0").await;
-    let data = fleet.agent_config("dev-0").data_dir;
+    let data = fleet.agent_config("dev-0").await.data_dir;
     let (_, data_offset) = flotilla_bundle::format::parse_envelope(&signed).unwrap();
     let sha = hex::encode(sha2::Sha256::digest(&mel));
     flotilla_agent::blobs::BlobStore::open(&data)

@@ -41,10 +41,10 @@ async fn tflite_bundles_run_on_the_best_backend_each_device_has() {
     let (name, shape, data, expected) = reference(&assets);
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
-    let mut with_lib = fleet.agent_config("with-tflite");
+    let mut with_lib = fleet.agent_config("with-tflite").await;
     with_lib.tflite_lib = Some(assets.join("lib/libtensorflowlite_c.so"));
     fleet.start_agent_with(with_lib).await.unwrap();
-    fleet.start_agent_with(fleet.agent_config("tract-only")).await.unwrap();
+    fleet.start_agent_with(fleet.agent_config("tract-only").await).await.unwrap();
     fleet.wait_devices_online(2).await.unwrap();
     let devices = fleet.devices().await.unwrap();
     let dev = |id: &str| devices.iter().find(|d| d.id == id).unwrap().clone();

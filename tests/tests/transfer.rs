@@ -28,8 +28,8 @@ async fn resume_case(opts: FleetOptions) -> (u64, u64, u64, u64) {
     let out = (
         bundle.len() as u64,
         half as u64,
-        shared.served_http.load(Ordering::Relaxed),
-        shared.served_mqtt.load(Ordering::Relaxed),
+        shared.metrics.served_http.load(Ordering::Relaxed),
+        shared.metrics.served_mqtt.load(Ordering::Relaxed),
     );
     fleet.shutdown().await;
     out
@@ -58,7 +58,7 @@ async fn unreachable_http_falls_back_to_mqtt_chunks_and_still_resumes() {
 async fn a_full_disk_is_a_clear_refusal_before_any_byte_is_fetched() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
-    let mut cfg = fleet.agent_config("dev-0");
+    let mut cfg = fleet.agent_config("dev-0").await;
     // A reserve no disk can meet stands in for a full disk: the check is the real statvfs.
     cfg.disk_reserve_bytes = u64::MAX / 4;
     fleet.start_agent_with(cfg).await.unwrap();
@@ -71,7 +71,10 @@ async fn a_full_disk_is_a_clear_refusal_before_any_byte_is_fetched() {
     let reason = r.devices[0].reason.clone().unwrap_or_default();
     assert!(reason.starts_with("offered:") && reason.contains("not enough disk space"), "{reason}");
     let shared = fleet.server.shared();
-    assert_eq!(shared.served_http.load(Ordering::Relaxed) + shared.served_mqtt.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        shared.metrics.served_http.load(Ordering::Relaxed) + shared.metrics.served_mqtt.load(Ordering::Relaxed),
+        0
+    );
     assert!(!dir.path().join("agents/dev-0/staging").exists(), "nothing was staged");
     fleet.shutdown().await;
 }

@@ -95,7 +95,7 @@ async fn a_device_booting_in_1970_installs_current_bundles_and_refuses_expired_r
     // The server would refuse the expired bundle itself; here only the device judges.
     let opts = flotilla_demo::FleetOptions { server_checks_signatures: false, ..Default::default() };
     let mut fleet = Fleet::start_with(dir.path(), 0, opts).await.unwrap();
-    let mut cfg = fleet.agent_config("rtc-less");
+    let mut cfg = fleet.agent_config("rtc-less").await;
     cfg.clock = flotilla_agent::Clock::fixed(0);
     fleet.start_agent_with(cfg.clone()).await.unwrap();
     fleet.wait_devices_online(1).await.unwrap();

@@ -1,155 +1,48 @@
 //! The Flotilla control plane as a library: the `flotilla-server` binary, the demo and the
 //! end-to-end tests start it through [`Server::start`].
 //!
-//! Tasks: the embedded broker ([`broker`]), the MQTT client that feeds the registry and serves
-//! chunks ([`fleet`]), the rollout driver ([`driver`]), and the HTTP API ([`http`]). All fleet
-//! state is in the SQLite [`store`].
+//! Layers, each depending only on those below it:
+//! - [`http`] and [`mqtt`]: the transport adapters (the API and console; the broker, device
+//!   messages in, commands out through the [`service::DeviceBus`]);
+//! - [`worker`]: the rollout driver and the retraining runner;
+//! - [`service`]: the domain, shared by all of the above;
+//! - [`store`]: every piece of fleet state, behind one trait per area;
+//! - [`pki`], [`tls`], [`util`]: the fleet CA, TLS plumbing, clocks and ids.
+//!
+//! [`Server::start`] is where they are put together.
 
-pub mod api_error;
-pub mod auth;
-pub mod broker;
-pub mod bundles;
-pub mod certs;
-pub mod drift;
-pub mod driver;
-pub mod fleet;
+pub mod config;
 pub mod http;
-pub mod metrics;
+pub mod mqtt;
 pub mod pki;
-pub mod retrain;
+pub mod service;
 pub mod store;
 pub mod tls;
+pub mod util;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use flotilla_bundle::TrustedRoot;
 use flotilla_proto::Topics;
-use rumqttc::AsyncClient;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerAuth, EmbeddedBroker};
-use crate::bundles::BundleFiles;
-use crate::fleet::BrokerLogin;
-use crate::store::Store;
-
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    pub data_dir: PathBuf,
-    pub http: SocketAddr,
-    /// Where the embedded broker listens (ignored with `external_broker`).
-    pub mqtt: SocketAddr,
-    /// `mqtts://HOST:PORT` (or `mqtt://` in plain TCP) of an external broker (Mosquitto, EMQX)
-    /// instead of the embedded one. Over TLS the control plane presents a certificate for
-    /// `flotilla-server` from the fleet CA ([`pki::mosquitto_files`] sets Mosquitto up for it).
-    pub external_broker: Option<String>,
-    /// The CA an external broker's certificate is from (default: the fleet CA).
-    pub broker_ca: Option<PathBuf>,
-    pub broker_username: Option<String>,
-    pub broker_password: Option<String>,
-    /// When set, pushed bundles must verify under it.
-    pub trust_root: Option<PathBuf>,
-    pub topic_prefix: String,
-    /// Base URL devices use to download bundles over HTTP (Range, resumable). Defaults to
-    /// `http://{http}` unless the server listens on an unspecified address; without one,
-    /// bundles travel in MQTT chunks only.
-    pub public_url: Option<String>,
-    /// Bytes per MQTT chunk and per HTTP Range request that offers ask devices to use: the
-    /// most a cut connection or a crash can make a device fetch twice.
-    pub chunk_size: u32,
-    /// Drift: the tag whose values are the cohorts alerts are judged per (default `group`).
-    pub drift_cohort_key: String,
-    /// Drift, count windows: how long a cohort window that holds enough inferences stays open to
-    /// reports of further devices (`drift::count_window`).
-    pub drift_period_secs: u64,
-    /// Retraining: the key the server signs retrained bundles with (an automation key the trust
-    /// root lists among its `targets` signers). Without it, retrained bundles wait for a key
-    /// holder's `flotilla retrain approve --key`.
-    pub retrain_key: Option<PathBuf>,
-    /// The embedded broker admits only devices enrolled with a password
-    /// (`PUT /api/v1/devices/{id}/credential`); without it, unknown devices may join (open
-    /// enrollment) and enrolled ones must give their password.
-    pub require_device_password: bool,
-    /// Plain TCP for the API and the broker: no TLS, no device certificates. For a trusted
-    /// network only; every start logs a warning.
-    pub insecure_plaintext: bool,
-    /// An operator's server certificate, more client CAs, more names ([`pki`]).
-    pub tls: pki::TlsOptions,
-    /// How long device certificates the fleet CA issues are valid.
-    pub device_cert_lifetime_secs: i64,
-}
-
-impl ServerConfig {
-    pub fn new(data_dir: PathBuf) -> Self {
-        ServerConfig {
-            data_dir,
-            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            external_broker: None,
-            broker_ca: None,
-            broker_username: None,
-            broker_password: None,
-            trust_root: None,
-            topic_prefix: flotilla_proto::topics::DEFAULT_PREFIX.into(),
-            public_url: None,
-            chunk_size: flotilla_proto::DEFAULT_CHUNK_SIZE,
-            drift_cohort_key: "group".into(),
-            drift_period_secs: 60,
-            retrain_key: None,
-            require_device_password: false,
-            insecure_plaintext: false,
-            tls: pki::TlsOptions::default(),
-            device_cert_lifetime_secs: pki::DEFAULT_DEVICE_LIFETIME,
-        }
-    }
-}
-
-/// What the server's tasks share.
-pub struct Shared {
-    pub store: Store,
-    pub files: BundleFiles,
-    pub topics: Topics,
-    pub mqtt: AsyncClient,
-    pub trust: RwLock<Option<TrustedRoot>>,
-    /// Wakes the rollout driver early (an event arrived, a rollout started).
-    pub wake: Notify,
-    /// Notified after each (re)subscription to the device topics.
-    pub connected: Notify,
-    /// Where offers tell devices to download bundles (`{public_url}/api/v1/bundles/{id}`).
-    pub public_url: Option<String>,
-    pub chunk_size: u32,
-    /// Bundle bytes served, per transport (for metrics and the transfer tests).
-    pub served_mqtt: std::sync::atomic::AtomicU64,
-    pub served_http: std::sync::atomic::AtomicU64,
-    pub profiles: drift::Profiles,
-    pub drift_cohort_key: String,
-    pub drift_period_ms: u64,
-    pub retrain: retrain::Retrain,
-    /// Keys the capabilities in offer and webhook URLs ([`auth::capability`]).
-    pub capability_key: String,
-    pub metrics: metrics::Counters,
-    /// The embedded broker's device passwords (None with an external broker).
-    pub broker_auth: Option<Arc<BrokerAuth>>,
-    /// The fleet CA and the server's certificate (None with `--insecure-plaintext`).
-    pub pki: Option<pki::Pki>,
-}
-
-/// A public URL whose port is 0 (`http://10.0.2.2:0`, as devices behind a NAT see the host)
-/// takes the port the HTTP listener was given, like `--http 127.0.0.1:0` itself.
-fn with_bound_port(url: &str, port: u16) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.strip_suffix(":0") {
-        Some(host) if !scheme.is_empty() => format!("{scheme}://{host}:{port}{path}"),
-        _ => url.to_string(),
-    }
-}
+pub use config::ServerConfig;
+use config::{url_host, with_bound_port};
+use mqtt::broker::{BrokerAuth, EmbeddedBroker};
+use mqtt::ingest::Ingest;
+use mqtt::{BrokerLogin, MqttBus};
+use service::bundles::BundleFiles;
+use service::{Fleet, Settings, tokens};
+use store::Store;
+use store::sqlite::Sqlite;
+pub use util::{new_id, now_ms, now_s, rfc3339_ms};
 
 pub struct Server {
-    shared: Arc<Shared>,
+    shared: Arc<Fleet>,
     broker: Option<EmbeddedBroker>,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -158,17 +51,19 @@ pub struct Server {
     data_dir: PathBuf,
     /// The external broker is spoken to in plain TCP.
     mqtt_login_plain: bool,
+    /// The control plane's MQTT client (disconnected on stop).
+    client: rumqttc::AsyncClient,
 }
 
 impl Server {
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         flotilla_pki::tls::install_default_provider();
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        let store = Store::open(&cfg.data_dir.join("fleet.db"))?;
+        let store: Arc<dyn Store> = Arc::new(Sqlite::open(&cfg.data_dir.join("fleet.db"))?);
         let files = BundleFiles::open(&cfg.data_dir)?;
-        let trust = load_trust(&store, cfg.trust_root.as_deref())?;
-        auth::ensure_admin(&store, &cfg.data_dir)?;
-        let capability_key = auth::capability_key(&store)?;
+        let trust = service::trust::load(store.as_ref(), cfg.trust_root.as_deref()).await?;
+        tokens::ensure_admin(store.as_ref(), &cfg.data_dir).await?;
+        let capability_key = tokens::capability_key(store.as_ref()).await?;
         let retrain_key = match &cfg.retrain_key {
             Some(p) => Some(
                 flotilla_bundle::keys::SecretKey::load(p).with_context(|| format!("--retrain-key {}", p.display()))?,
@@ -208,10 +103,10 @@ impl Server {
                 let mut auth = BrokerAuth::new(&cfg.topic_prefix, new_id() + &new_id());
                 auth.require_device_password = cfg.require_device_password;
                 auth.certificates = pki.is_some();
-                for (device, hash, _) in store.device_credentials()? {
+                for (device, hash, _) in store.device_credentials().await? {
                     auth.set_device_password(&device, hash);
                 }
-                let (devices, serials) = store.revocations()?;
+                let (devices, serials) = store.revocations().await?;
                 devices.iter().for_each(|d| {
                     auth.revoke_device(d);
                 });
@@ -301,38 +196,40 @@ impl Server {
         let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
         let mqtt_login_plain = login.tls.is_none();
         let (client, eventloop) =
-            fleet::client(&login, &format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16]));
-        let shared = Arc::new(Shared {
+            mqtt::client::client(&login, &format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16]));
+        let topics = Topics::new(&cfg.topic_prefix);
+        let bus = MqttBus { client: client.clone(), topics: topics.clone(), gate: broker_auth };
+        let shared = Arc::new(Fleet {
             store,
+            bus: Arc::new(bus),
             files,
-            topics: Topics::new(&cfg.topic_prefix),
-            mqtt: client,
             trust: RwLock::new(trust),
             wake: Notify::new(),
-            connected: Notify::new(),
-            public_url,
-            chunk_size: cfg.chunk_size.clamp(1024, flotilla_proto::DEFAULT_CHUNK_SIZE * 2),
-            served_mqtt: Default::default(),
-            served_http: Default::default(),
+            settings: Settings {
+                public_url,
+                chunk_size: cfg.chunk_size.clamp(1024, flotilla_proto::DEFAULT_CHUNK_SIZE * 2),
+                drift_cohort_key: cfg.drift_cohort_key.clone(),
+                drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
+                capability_key,
+            },
             profiles: Default::default(),
-            drift_cohort_key: cfg.drift_cohort_key.clone(),
-            drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
-            retrain: retrain::Retrain::new(&cfg.data_dir, retrain_key),
-            capability_key,
+            retrain: service::retrain::Retrain::new(&cfg.data_dir, retrain_key),
             metrics: Default::default(),
-            broker_auth,
             pki,
         });
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
-        let connected = shared.connected.notified();
-        tasks.push(tokio::spawn(fleet::run(shared.clone(), eventloop, cancel.clone())));
+        let connected_notify = Arc::new(Notify::new());
+        let connected = connected_notify.notified();
+        let ingest =
+            Ingest { fleet: shared.clone(), client: client.clone(), topics, connected: connected_notify.clone() };
+        tasks.push(tokio::spawn(mqtt::ingest::run(ingest, eventloop, cancel.clone())));
         // Wait (briefly) for the subscriptions, so no device message is missed from the start.
         if tokio::time::timeout(std::time::Duration::from_secs(10), connected).await.is_err() {
             tracing::warn!(broker = %mqtt_addr, "not subscribed to the broker yet; continuing and retrying in the background");
         }
-        tasks.push(tokio::spawn(driver::run(shared.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(retrain::run(shared.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(worker::driver::run(shared.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(worker::retrain::run(shared.clone(), cancel.clone())));
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
         match https {
             Some(config) => {
@@ -361,7 +258,7 @@ impl Server {
             let ca = p.ca_path.canonicalize().unwrap_or_else(|_| p.ca_path.clone());
             endpoints["ca"] = ca.to_string_lossy().into();
         }
-        if let Some(u) = &shared.public_url {
+        if let Some(u) = &shared.settings.public_url {
             endpoints["public_url"] = u.as_str().into();
         }
         std::fs::write(cfg.data_dir.join("endpoints.json"), endpoints.to_string())?;
@@ -375,10 +272,11 @@ impl Server {
             mqtt_addr,
             data_dir: cfg.data_dir.clone(),
             mqtt_login_plain,
+            client,
         })
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<Fleet> {
         &self.shared
     }
 
@@ -401,13 +299,13 @@ impl Server {
     }
 
     /// Issue a device certificate with a key made here (recorded for revocation).
-    pub fn issue_device_cert(&self, device: &str) -> anyhow::Result<flotilla_pki::Identity> {
-        pki::issue_recorded(&self.shared, device, "issued")
+    pub async fn issue_device_cert(&self, device: &str) -> anyhow::Result<flotilla_pki::Identity> {
+        Ok(service::certs::issue_recorded(&self.shared, device, "issued").await.map(|(id, _)| id)?)
     }
 
     /// The admin token written on the first start (`DATA_DIR/admin.token`), if it is still there.
     pub fn admin_token(&self) -> Option<String> {
-        std::fs::read_to_string(self.data_dir.join(auth::ADMIN_TOKEN_FILE)).ok().map(|t| t.trim().to_string())
+        std::fs::read_to_string(self.data_dir.join(tokens::ADMIN_TOKEN_FILE)).ok().map(|t| t.trim().to_string())
     }
 
     pub async fn shutdown(mut self) {
@@ -416,7 +314,7 @@ impl Server {
 
     /// Stop every task and the embedded broker (what `shutdown` does, without consuming).
     pub async fn stop(&mut self) {
-        let _ = self.shared.mqtt.disconnect().await;
+        let _ = self.client.disconnect().await;
         self.cancel.cancel();
         for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
@@ -424,85 +322,5 @@ impl Server {
         if let Some(b) = self.broker.take() {
             b.stop();
         }
-    }
-}
-
-/// The server's current trust root: the configured one (stored as the start of the chain), then
-/// every newer root pushed since, each verified as a rotation of the one before.
-fn load_trust(store: &Store, configured: Option<&std::path::Path>) -> anyhow::Result<Option<TrustedRoot>> {
-    let now = now_s() as u64;
-    if let Some(p) = configured {
-        let bytes = std::fs::read(p).with_context(|| format!("reading trust root {}", p.display()))?;
-        let t = TrustedRoot::anchor(&bytes, now).with_context(|| format!("trust root {}", p.display()))?;
-        let stored = store.roots()?;
-        match stored.iter().find(|(v, _)| *v == t.root().version) {
-            Some((_, b)) if *b != t.to_bytes() => anyhow::bail!(
-                "trust root {} is version {} but the store holds a different root with that version",
-                p.display(),
-                t.root().version
-            ),
-            Some(_) => {}
-            None => store.add_root(t.root().version, &t.to_bytes(), now_s())?,
-        }
-    }
-    let stored = store.roots()?;
-    let Some((_, first)) = stored.first() else { return Ok(None) };
-    let anchor = TrustedRoot::anchor(first, 0).context("the store's oldest trust root")?;
-    let chain: Vec<Vec<u8>> = stored.into_iter().map(|(_, b)| b).collect();
-    Ok(Some(anchor.rotate_chain(&chain, now).context("the store's trust root chain")?))
-}
-
-/// The host of a URL (`https://fleet.example:8443/x` → `fleet.example`), brackets removed.
-fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    (!host.is_empty()).then(|| host.to_string())
-}
-
-/// RFC 3339 of milliseconds since the epoch.
-pub fn rfc3339_ms(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-pub fn now_s() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-pub fn new_id() -> String {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    hex::encode(b)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn public_url_port_zero_takes_the_bound_port() {
-        use super::with_bound_port as w;
-        assert_eq!(w("http://10.0.2.2:0", 4711), "http://10.0.2.2:4711");
-        assert_eq!(w("http://10.0.2.2:0/fleet/", 4711), "http://10.0.2.2:4711/fleet/");
-        assert_eq!(w("https://fleet.example", 4711), "https://fleet.example");
-        assert_eq!(w("http://fleet.example:8080", 4711), "http://fleet.example:8080");
-        assert_eq!(w("http://[::1]:0", 9), "http://[::1]:9");
-    }
-
-    #[test]
-    fn url_hosts() {
-        use super::url_host as h;
-        assert_eq!(h("https://fleet.example:8443/x").as_deref(), Some("fleet.example"));
-        assert_eq!(h("http://10.0.2.2:0").as_deref(), Some("10.0.2.2"));
-        assert_eq!(h("https://[fd00::1]:9/").as_deref(), Some("fd00::1"));
-        assert_eq!(h("https://fleet.example").as_deref(), Some("fleet.example"));
     }
 }

@@ -151,24 +151,26 @@ enum TokenCmd {
     Revoke { id: String },
 }
 
-fn token(cmd: TokenCmd, data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let store = flotilla_server::store::Store::open(&data_dir.join("fleet.db"))?;
+async fn token(cmd: TokenCmd, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use flotilla_server::service::tokens;
+    use flotilla_server::store::{AuthStore, sqlite::Sqlite};
+    let store = Sqlite::open(&data_dir.join("fleet.db"))?;
     match cmd {
         TokenCmd::Create { role, name } => {
-            let role = flotilla_server::auth::Role::parse(&role).expect("clap checked the role");
-            let (id, token) = flotilla_server::auth::create_token(&store, role, &name)?;
+            let role = tokens::Role::parse(&role).expect("clap checked the role");
+            let (id, token) = tokens::create_token(&store, role, &name).await?;
             eprintln!("created {id} ({}); the token is shown once:", role.as_str());
             println!("{token}");
         }
         TokenCmd::Ls => {
-            for t in store.tokens()? {
+            for t in store.tokens().await? {
                 let at = |t: i64| flotilla_server::rfc3339_ms(t * 1000);
                 let used = t.last_used.map_or("never".into(), at);
                 println!("{}  {:<8}  created {}  last used {used}  {}", t.id, t.role, at(t.created), t.name);
             }
         }
         TokenCmd::Revoke { id } => {
-            anyhow::ensure!(store.delete_token(&id)?, "no token {id:?} (see `flotilla-server token ls`)");
+            anyhow::ensure!(store.delete_token(&id).await?, "no token {id:?} (see `flotilla-server token ls`)");
             eprintln!("revoked {id}");
         }
     }
@@ -212,7 +214,7 @@ async fn main() {
     };
     match a.cmd {
         Some(Cmd::Token(t)) => {
-            if let Err(e) = token(t, &data_dir) {
+            if let Err(e) = token(t, &data_dir).await {
                 eprintln!("flotilla-server: {e:#}");
                 std::process::exit(1);
             }

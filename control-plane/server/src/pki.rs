@@ -82,7 +82,11 @@ impl Pki {
                 let id = Identity { cert_pem: read(c)?, key_pem: read(k)? };
                 let info = parse_cert(&id.cert_pem).with_context(|| format!("--tls-cert {}", c.display()))?;
                 if info.not_after < now {
-                    anyhow::bail!("--tls-cert {} expired at {}", c.display(), crate::rfc3339_ms(info.not_after * 1000));
+                    anyhow::bail!(
+                        "--tls-cert {} expired at {}",
+                        c.display(),
+                        crate::util::rfc3339_ms(info.not_after * 1000)
+                    );
                 }
                 id
             }
@@ -109,30 +113,6 @@ impl Pki {
     }
 }
 
-/// Issue a device certificate with a key made here, and record it (for revocation).
-pub fn issue_recorded(shared: &crate::Shared, device: &str, how: &str) -> anyhow::Result<Identity> {
-    let p = shared
-        .pki
-        .as_ref()
-        .context("this server runs without TLS (--insecure-plaintext): it issues no certificates")?;
-    issuable(device)?;
-    let id = p.issue(device, crate::now_s())?;
-    record(&shared.store, &id.cert_pem, how)?;
-    Ok(id)
-}
-
-/// Sign a device's CSR and record the certificate.
-pub fn sign_recorded(shared: &crate::Shared, csr_pem: &str, device: &str, how: &str) -> anyhow::Result<String> {
-    let p = shared
-        .pki
-        .as_ref()
-        .context("this server runs without TLS (--insecure-plaintext): it issues no certificates")?;
-    issuable(device)?;
-    let cert = p.sign(csr_pem, device, crate::now_s())?;
-    record(&shared.store, &cert, how)?;
-    Ok(cert)
-}
-
 /// Device ids a certificate may name: valid, and never one the control plane reserves.
 pub fn issuable(device: &str) -> anyhow::Result<()> {
     if flotilla_proto::reserved_id(device) {
@@ -142,22 +122,6 @@ pub fn issuable(device: &str) -> anyhow::Result<()> {
         anyhow::bail!("device id {device:?} is invalid: use 1-64 chars of [A-Za-z0-9._-]");
     }
     Ok(())
-}
-
-/// Put a device certificate in the registry (what revocation by serial works on).
-pub fn record(store: &crate::store::Store, cert_pem: &str, how: &str) -> anyhow::Result<flotilla_pki::CertInfo> {
-    let info = parse_cert(cert_pem)?;
-    let device = info.common_name.clone().context("the certificate names no device")?;
-    store.add_device_cert(&crate::store::DeviceCertRow {
-        serial: info.serial.clone(),
-        device_id: device,
-        sha256: info.sha256.clone(),
-        not_after: info.not_after,
-        issued: crate::now_s(),
-        how: how.into(),
-        revoked: None,
-    })?;
-    Ok(info)
 }
 
 /// The fleet CA's server certificate for `names`, reused while it carries them all and is not
@@ -246,7 +210,7 @@ pub fn mosquitto_files(
     prefix: &str,
     listen: &str,
 ) -> anyhow::Result<PathBuf> {
-    let now = crate::now_s();
+    let now = crate::util::now_s();
     let p = Pki::open(data_dir, &TlsOptions::default(), &server_names(&[], names), now)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let broker = p.ca.server(&server_names(&[], names), now, SERVER_LIFETIME)?;
@@ -318,7 +282,7 @@ mod tests {
     #[test]
     fn first_start_makes_a_ca_and_a_server_certificate_and_reuses_them() {
         let dir = tempfile::tempdir().unwrap();
-        let now = crate::now_s();
+        let now = crate::util::now_s();
         let names = server_names(&["10.1.2.3".parse().unwrap()], &["fleet.example".into()]);
         assert!(names.contains(&"10.1.2.3".into()) && names.contains(&"localhost".into()), "{names:?}");
         let a = Pki::open(dir.path(), &TlsOptions::default(), &names, now).unwrap();

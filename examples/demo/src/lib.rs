@@ -150,10 +150,10 @@ impl Fleet {
 
     /// An agent's configuration as it would be flashed: the broker, the fleet CA and a device
     /// certificate the fleet CA issued (made once per device, kept in its directory).
-    pub fn agent_config(&self, id: &str) -> AgentConfig {
+    pub async fn agent_config(&self, id: &str) -> AgentConfig {
         let mut cfg = self.agent_config_without_certificate(id);
         if cfg.broker.tls {
-            let (cert, key) = self.flashed_certificate(id).expect("issuing a device certificate");
+            let (cert, key) = self.flashed_certificate(id).await.expect("issuing a device certificate");
             cfg.cert = Some(cert);
             cfg.key = Some(key);
         }
@@ -176,12 +176,12 @@ impl Fleet {
 
     /// `agents/ID/flashed/device.{pem,key}`: a certificate the fleet CA issued for `id`, as
     /// `flotilla-image personalise` writes into an image (issued on first use).
-    pub fn flashed_certificate(&self, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    pub async fn flashed_certificate(&self, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         let dir = self.dir.join("flashed").join(id);
         let (cert, key) = (dir.join("device.pem"), dir.join("device.key"));
         if !cert.exists() {
             std::fs::create_dir_all(&dir)?;
-            let ident = self.server.issue_device_cert(id)?;
+            let ident = self.server.issue_device_cert(id).await?;
             std::fs::write(&key, &ident.key_pem)?;
             std::fs::write(&cert, &ident.cert_pem)?;
         }
@@ -211,7 +211,7 @@ impl Fleet {
     }
 
     pub async fn start_agent(&mut self, id: &str) -> anyhow::Result<()> {
-        self.start_agent_with(self.agent_config(id)).await
+        self.start_agent_with(self.agent_config(id).await).await
     }
 
     /// Start an agent with a config of the caller's (e.g. [`Fleet::agent_config`] with the

@@ -58,11 +58,9 @@ fn main() {
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "warn,rumqttc=error,rmqtt=error,rmqtt_net=error,flotilla_server::drift=error".into()
-            }),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            "warn,rumqttc=error,rmqtt=error,rmqtt_net=error,flotilla_server::service::drift=error".into()
+        }))
         .init();
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -268,7 +266,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 tl.step(format!("retrain {id}: {text}"));
             }
             shown = j.history.len();
-            if !flotilla_server::retrain::ACTIVE.contains(&j.state.as_str()) || Instant::now() > deadline {
+            if !flotilla_server::service::retrain::ACTIVE.contains(&j.state.as_str()) || Instant::now() > deadline {
                 job = Some(j);
                 break;
             }

@@ -1,6 +1,7 @@
 //! What every API handler answers with when it fails: an HTTP status and a JSON
-//! [`ApiError`] (`code`, `message`, `hint`), and the small helpers the handlers share. Below
-//! every handler module, so they depend on it and not on each other.
+//! [`ApiError`] (`code`, `message`, `hint`), and the small helpers the handlers share. A
+//! service's [`crate::service::Error`] becomes one here: its kind picks the status, its code
+//! and message pass through.
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -12,7 +13,7 @@ use flotilla_api::v1::ApiError;
 /// named in every route's `responses(...)`.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // a description for the OpenAPI document, never constructed
-pub(crate) enum ApiErrors {
+pub enum ApiErrors {
     #[response(status = 400, description = "error")]
     BadRequest(ApiError),
     #[response(status = 401, description = "error")]
@@ -36,7 +37,7 @@ impl std::fmt::Display for Error {
 }
 
 impl Error {
-    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>, hint: Option<&str>) -> Self {
         Error(status, ApiError { code: code.into(), message: message.into(), hint: hint.map(String::from) })
     }
 }
@@ -44,6 +45,24 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<crate::service::Error> for Error {
+    fn from(e: crate::service::Error) -> Self {
+        use crate::service::Kind;
+        let status = match e.kind {
+            Kind::Invalid => StatusCode::BAD_REQUEST,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict | Kind::Unavailable => StatusCode::CONFLICT,
+            Kind::Unacceptable => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::Internal => {
+                tracing::error!(error = %e.message, "internal error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Error(status, ApiError { code: e.code.into(), message: e.message, hint: e.hint })
     }
 }
 
@@ -58,14 +77,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// A JSON request body, or a 400 `bad_request` saying what was wrong with it (and how to send
 /// it right).
-pub(crate) fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<&str>) -> Result<T> {
+pub fn json_body<T>(body: std::result::Result<Json<T>, JsonRejection>, hint: Option<&str>) -> Result<T> {
     body.map(|Json(t)| t).map_err(|e| Error::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), hint))
-}
-
-/// RFC 3339 of Unix seconds.
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
 }

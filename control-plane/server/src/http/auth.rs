@@ -1,104 +1,16 @@
-//! Who may call the HTTP API: bearer tokens with a role (`viewer` reads, `operator` drives
-//! rollouts, retraining and devices, `admin` also manages tokens and the trust root), stored as
-//! SHA-256 hashes; the token itself is shown once, when it is made.
-//!
-//! Two kinds of request carry a capability instead of a token: a device downloading a bundle it
-//! was offered (`/api/v1/bundles/{id}?token=…`), and a training pipeline fetching a job's files or
-//! uploading its model (`/api/v1/retrain/jobs/{id}/…?token=…`). A capability is a keyed hash of
-//! what it opens, so it opens nothing else. `GET /api/v1/health` and the console's static assets
-//! need nothing.
+//! The API's gate: a bearer token with a role, or a capability for the one thing it opens
+//! (see [`crate::service::tokens`]). `GET /api/v1/health`, a device's claim and the console's
+//! static assets need nothing.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 
-use crate::store::Store;
-use crate::{Shared, now_s};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-fn hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// Make a token with `role`; returns (id, token). Only the hash is stored.
-pub fn create_token(store: &Store, role: Role, name: &str) -> anyhow::Result<(String, String)> {
-    let id = format!("t-{}", crate::new_id());
-    let token = format!("flt_{}{}", crate::new_id(), crate::new_id());
-    store.add_token(&id, &hash(&token), role.as_str(), name, now_s())?;
-    Ok((id, token))
-}
-
-/// On the first start (no token at all), make an admin token and write it to
-/// `DATA_DIR/admin.token` (mode 0600), so the demo and the CLI work without set-up.
-pub fn ensure_admin(store: &Store, data_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
-    if !store.tokens()?.is_empty() {
-        return Ok(None);
-    }
-    let (_, token) = create_token(store, Role::Admin, "first start (admin.token)")?;
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    use std::io::Write;
-    let mut f = opts.open(&path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(format!("{token}\n").as_bytes())?;
-    f.sync_all()?;
-    tracing::info!(path = %path.display(), "created an admin token");
-    Ok(Some(path))
-}
-
-/// The key capabilities are derived from (random, made on the first start, kept in the store).
-pub fn capability_key(store: &Store) -> anyhow::Result<String> {
-    store.setting_or_insert("capability_key", &(crate::new_id() + &crate::new_id() + &crate::new_id()))
-}
-
-/// The capability that opens `kind`/`id` (a bundle download, a retraining job's files).
-pub fn capability(key: &str, kind: &str, id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(key.as_bytes());
-    h.update([0]);
-    h.update(kind.as_bytes());
-    h.update([0]);
-    h.update(id.as_bytes());
-    hex::encode(&h.finalize()[..16])
-}
+use crate::service::Fleet;
+use crate::service::tokens::{self, Role, capability};
 
 /// The role a request needs: admin for tokens and pushing trust roots, operator for any other
 /// change, viewer to read.
@@ -133,15 +45,9 @@ fn deny(status: StatusCode, code: &str, message: String, hint: &str) -> Response
     (status, axum::Json(body)).into_response()
 }
 
-/// Who made a request (a request extension set by [`middleware`] for token holders).
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-}
-
-pub async fn middleware(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+/// Checks every request's token or capability and the role its route needs; token holders'
+/// requests carry their [`Caller`] as an extension.
+pub async fn middleware(State(s): State<Arc<Fleet>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     // A claim carries its own credential (a single-use claim token) in the body.
     let open = path == "/api/v1/health" || (path == "/api/v1/claim" && req.method() == Method::POST);
@@ -150,7 +56,7 @@ pub async fn middleware(State(s): State<Arc<Shared>>, mut req: Request, next: Ne
         return next.run(req).await;
     }
     if let (Some((kind, id)), Some(t)) = (capability_scope(req.method(), &path), query_token(&req))
-        && t == capability(&s.capability_key, kind, id)
+        && t == capability(&s.settings.capability_key, kind, id)
     {
         return next.run(req).await;
     }
@@ -168,12 +74,8 @@ pub async fn middleware(State(s): State<Arc<Shared>>, mut req: Request, next: Ne
             "send `Authorization: Bearer TOKEN` (CLI: --token or FLOTILLA_TOKEN); a new server writes an admin token to DATA_DIR/admin.token, and `flotilla-server token create --role viewer|operator|admin` makes more",
         );
     };
-    let found = s.store.token_by_hash(&hash(token), now_s());
-    let (role, caller) = match found {
-        Ok(Some(t)) => {
-            let role = Role::parse(&t.role).unwrap_or(Role::Viewer);
-            (role, Caller { id: t.id, name: t.name, role })
-        }
+    let (role, caller) = match tokens::authenticate(&s, token).await {
+        Ok(Some(c)) => (c.role, c),
         Ok(None) => {
             return deny(
                 StatusCode::UNAUTHORIZED,
@@ -219,8 +121,5 @@ mod tests {
         assert_eq!(capability_scope(&Method::DELETE, "/api/v1/bundles/abc"), None);
         assert_eq!(capability_scope(&Method::GET, "/api/v1/retrain/jobs/j-1/files/samples.json"), Some(("job", "j-1")));
         assert_eq!(capability_scope(&Method::POST, "/api/v1/retrain/jobs/j-1/approve"), None);
-        let k = "key";
-        assert_ne!(capability(k, "bundle", "a"), capability(k, "job", "a"));
-        assert_ne!(capability(k, "bundle", "a"), capability("other", "bundle", "a"));
     }
 }

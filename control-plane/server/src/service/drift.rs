@@ -21,15 +21,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use flotilla_api::v1::{DriftAlert, DriftRow, SampleRecord};
-use flotilla_api::v2::InferTensor;
 use flotilla_bundle::manifest::Role;
 use flotilla_drift::{Profile, Sketch, Window, compare};
 use flotilla_proto::tags::{Selector, Tags};
-use flotilla_proto::{DriftReport, Sample, SampleBatch, SignalSketch};
+use flotilla_proto::{DriftReport, SignalSketch};
 
-use crate::Shared;
+use super::Fleet;
 use crate::store::{AlertRow, DriftReportRow, OpenDriftWindow};
+use crate::util::now_ms;
 
 /// Largest baseline artifact read.
 const MAX_PROFILE_BYTES: u64 = 64 << 20;
@@ -41,25 +40,30 @@ type ModelVersion = (String, u64);
 pub struct Profiles {
     cache: Mutex<HashMap<ModelVersion, Option<Arc<Profile>>>>,
     /// One report judged at a time, so two reports cannot raise the same alert twice.
-    judging: Mutex<()>,
+    judging: tokio::sync::Mutex<()>,
 }
 
 impl Profiles {
-    pub fn get(&self, s: &Shared, model: &str, version: u64) -> anyhow::Result<Option<Arc<Profile>>> {
+    pub async fn get(&self, f: &Fleet, model: &str, version: u64) -> anyhow::Result<Option<Arc<Profile>>> {
         let key = (model.to_string(), version);
         if let Some(p) = self.cache.lock().expect("profiles lock").get(&key) {
             return Ok(p.clone());
         }
-        let p = read_profile(s, model, version)?.map(Arc::new);
+        let path = match f.store.bundle_by_name(model, version).await? {
+            Some(b) => f.files.path(&b.id),
+            None => None,
+        };
+        let p = match path {
+            Some(path) => tokio::task::spawn_blocking(move || read_profile(&path)).await??.map(Arc::new),
+            None => None,
+        };
         self.cache.lock().expect("profiles lock").insert(key, p.clone());
         Ok(p)
     }
 }
 
-fn read_profile(s: &Shared, model: &str, version: u64) -> anyhow::Result<Option<Profile>> {
-    let Some(b) = s.store.bundle_by_name(model, version)? else { return Ok(None) };
-    let Some(path) = s.files.path(&b.id) else { return Ok(None) };
-    let mut f = std::io::BufReader::new(std::fs::File::open(&path)?);
+fn read_profile(path: &std::path::Path) -> anyhow::Result<Option<Profile>> {
+    let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
     let (doc, off) = flotilla_bundle::format::read_envelope(&mut f)?;
     let m = flotilla_bundle::verify::decode_manifest(&doc.signed)?;
     let Some(a) = m.artifact(Role::Baseline) else { return Ok(None) };
@@ -99,8 +103,8 @@ pub fn count_window(
 }
 
 /// Store a device's report (once per message id) and re-judge its cohort's alerts.
-pub fn ingest(s: &Shared, device: &str, msg_id: &str, r: DriftReport, now: i64) -> anyhow::Result<()> {
-    let Some(profile) = s.profiles.get(s, &r.model, r.version)? else {
+pub async fn ingest(s: &Fleet, device: &str, msg_id: &str, r: DriftReport, now: i64) -> anyhow::Result<()> {
+    let Some(profile) = s.profiles.get(s, &r.model, r.version).await? else {
         tracing::warn!(device, model = %r.model, version = r.version, "drift report for a bundle without a baseline here: ignored");
         return Ok(());
     };
@@ -122,20 +126,19 @@ pub fn ingest(s: &Shared, device: &str, msg_id: &str, r: DriftReport, now: i64) 
     }
     let mut signals = Vec::new();
     ciborium::into_writer(&kept, &mut signals)?;
-    let tags: Tags =
-        s.store.device(device)?.map(|d| serde_json::from_str(&d.tags).unwrap_or_default()).unwrap_or_default();
-    let cohort = cohort_of(&tags, Some(&s.drift_cohort_key));
+    let tags: Tags = s.store.device(device).await?.map(|d| d.tags).unwrap_or_default();
+    let cohort = cohort_of(&tags, Some(&s.settings.drift_cohort_key));
     // One report at a time from here: the count window a report joins depends on the ones before.
-    let _one = s.profiles.judging.lock().expect("judging lock");
+    let _one = s.profiles.judging.lock().await;
     let bucket = match profile.config.window {
         Window::Seconds(secs) => time_bucket(secs, r.window_end),
         Window::Count(n) => count_window(
-            s.store.drift_open_window(&r.model, r.version, &cohort)?.as_ref(),
+            s.store.drift_open_window(&r.model, r.version, &cohort).await?.as_ref(),
             device,
             n.max(profile.config.min_count),
-            s.drift_period_ms,
-            crate::now_ms() as i64,
-            s.store.drift_bucket_back(&r.model, r.version, 0)?,
+            s.settings.drift_period_ms,
+            now_ms() as i64,
+            s.store.drift_bucket_back(&r.model, r.version, 0).await?,
         ),
     };
     let row = DriftReportRow {
@@ -148,14 +151,14 @@ pub fn ingest(s: &Shared, device: &str, msg_id: &str, r: DriftReport, now: i64) 
         signals,
         cohort: cohort.clone(),
     };
-    if !s.store.add_drift_report(device, msg_id, &r.model, &row, now)? {
+    if !s.store.add_drift_report(device, msg_id, &r.model, &row, now).await? {
         return Ok(()); // seen before
     }
-    judge_alerts(s, &r.model, r.version, &profile, &cohort, now)
+    judge_alerts(s, &r.model, r.version, &profile, &cohort, now).await
 }
 
-fn device_tags(s: &Shared) -> anyhow::Result<HashMap<String, Tags>> {
-    Ok(s.store.devices()?.into_iter().map(|d| (d.id, serde_json::from_str(&d.tags).unwrap_or_default())).collect())
+async fn device_tags(s: &Fleet) -> anyhow::Result<HashMap<String, Tags>> {
+    Ok(s.store.devices().await?.into_iter().map(|d| (d.id, d.tags)).collect())
 }
 
 /// The cohort a device falls in when grouping by the tag `by` (all devices: no key).
@@ -169,6 +172,7 @@ pub fn cohort_of(tags: &Tags, by: Option<&str>) -> String {
     }
 }
 
+#[derive(Clone)]
 pub struct Query {
     pub model: String,
     pub version: Option<u64>,
@@ -190,13 +194,66 @@ struct Merged {
     sketches: BTreeMap<String, Sketch>,
 }
 
-/// Merged, scored rows ordered by version, cohort, signal (in profile order), window; each with
-/// its window's bucket (ms).
-pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
-    let tags = device_tags(s)?;
+/// One merged, scored window of a cohort and signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub model: String,
+    pub version: u64,
+    pub cohort: String,
+    pub signal: String,
+    /// The window's aggregation key (ms).
+    pub bucket: i64,
+    /// Milliseconds since the epoch.
+    pub window_start: i64,
+    pub window_end: i64,
+    /// Values the live sketch holds.
+    pub count: u64,
+    pub inferences: u64,
+    pub devices: u64,
+    pub psi: Option<f64>,
+    pub js: Option<f64>,
+    pub ks: Option<f64>,
+    pub wasserstein: Option<f64>,
+    pub mean: Option<f64>,
+    /// Metrics over their thresholds.
+    pub exceeded: Vec<String>,
+    /// Over a threshold for the profile's `consecutive` windows in a row.
+    pub alert: bool,
+    pub histogram: Option<Histogram>,
+}
+
+/// The baseline's and the live window's histogram of a signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub edges: Vec<f64>,
+    pub baseline: Vec<u64>,
+    pub live: Vec<u64>,
+}
+
+/// Merged, scored rows ordered by version, cohort, signal (in profile order), window.
+pub async fn rows(s: &Fleet, q: &Query) -> anyhow::Result<Vec<Row>> {
+    let tags = device_tags(s).await?;
+    let reports = s.store.drift_reports(&q.model, q.version, q.since).await?;
+    let mut profiles = BTreeMap::new();
+    for v in reports.iter().map(|r| r.version).collect::<BTreeSet<_>>() {
+        if let Some(p) = s.profiles.get(s, &q.model, v).await? {
+            profiles.insert(v, p);
+        }
+    }
+    let q = q.clone();
+    Ok(tokio::task::spawn_blocking(move || score(&q, &tags, reports, &profiles)).await?)
+}
+
+/// Merge the reports per (version, cohort, window) and score each signal against its baseline.
+fn score(
+    q: &Query,
+    tags: &HashMap<String, Tags>,
+    reports: Vec<DriftReportRow>,
+    profiles: &BTreeMap<u64, Arc<Profile>>,
+) -> Vec<Row> {
     let none = Tags::new();
     let mut groups: BTreeMap<(u64, String), BTreeMap<i64, Merged>> = BTreeMap::new();
-    for r in s.store.drift_reports(&q.model, q.version, q.since)? {
+    for r in reports {
         let t = tags.get(&r.device_id).unwrap_or(&none);
         if !q.selector.matches(t) {
             continue;
@@ -235,7 +292,7 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
     }
     let mut out = Vec::new();
     for ((version, cohort), windows) in groups {
-        let Some(profile) = s.profiles.get(s, &q.model, version)? else { continue };
+        let Some(profile) = profiles.get(&version) else { continue };
         let cfg = &profile.config;
         // A time window ends at its bucket; a count window when its latest report does.
         let counted = matches!(cfg.window, Window::Count(_));
@@ -250,41 +307,86 @@ pub fn rows(s: &Shared, q: &Query) -> anyhow::Result<Vec<(i64, DriftRow)>> {
                 if scored {
                     run = if exceeded.is_empty() { 0 } else { run + 1 };
                 }
-                out.push((
+                out.push(Row {
+                    model: q.model.clone(),
+                    version,
+                    cohort: cohort.clone(),
+                    signal: sp.signal.name.clone(),
                     bucket,
-                    DriftRow {
-                        model: q.model.clone(),
-                        version,
-                        cohort: cohort.clone(),
-                        signal: sp.signal.name.clone(),
-                        window_start: crate::rfc3339_ms(m.start),
-                        window_end: crate::rfc3339_ms(if counted { m.end } else { bucket }),
-                        count: live.count(),
-                        inferences: m.inferences,
-                        devices: m.devices.len() as u64,
-                        psi: scores.psi,
-                        js: scores.js,
-                        ks: scores.ks,
-                        wasserstein: scores.wasserstein,
-                        mean: live.moments.mean(),
-                        exceeded: exceeded.iter().map(|m| m.as_str().to_string()).collect(),
-                        alert: scored && !exceeded.is_empty() && run >= cfg.consecutive,
-                        histogram: q.histograms.then(|| flotilla_api::v1::DriftHistogram {
-                            edges: sp.baseline.hist.edges.clone(),
-                            baseline: sp.baseline.hist.counts.clone(),
-                            live: live.hist.counts.clone(),
-                        }),
-                    },
-                ));
+                    window_start: m.start,
+                    window_end: if counted { m.end } else { bucket },
+                    count: live.count(),
+                    inferences: m.inferences,
+                    devices: m.devices.len() as u64,
+                    psi: scores.psi,
+                    js: scores.js,
+                    ks: scores.ks,
+                    wasserstein: scores.wasserstein,
+                    mean: live.moments.mean(),
+                    exceeded: exceeded.iter().map(|m| m.as_str().to_string()).collect(),
+                    alert: scored && !exceeded.is_empty() && run >= cfg.consecutive,
+                    histogram: q.histograms.then(|| Histogram {
+                        edges: sp.baseline.hist.edges.clone(),
+                        baseline: sp.baseline.hist.counts.clone(),
+                        live: live.hist.counts.clone(),
+                    }),
+                });
             }
         }
     }
-    Ok(out)
+    out
+}
+
+/// `GET /api/v1/drift`: a model's rows (one version or all) for the devices `selector` picks,
+/// grouped by the tag `by` (default: the server's cohort key; `none` merges all), the latest
+/// `last` windows only when given.
+pub async fn query(
+    f: &Fleet,
+    model: Option<String>,
+    version: Option<u64>,
+    selector: Selector,
+    by: Option<String>,
+    last: Option<u32>,
+    histograms: bool,
+) -> super::Result<Vec<Row>> {
+    let Some(model) = model else {
+        let known: Vec<String> = f.store.drift_models().await?.into_iter().map(|(m, v)| format!("{m}@{v}")).collect();
+        let known = if known.is_empty() { "none yet".into() } else { known.join(", ") };
+        return Err(super::Error::invalid(
+            "model_required",
+            format!("say which model (models with drift reports: {known})"),
+        )
+        .hint("flotilla drift show --model NAME"));
+    };
+    let by = match by.as_deref() {
+        Some("none") | Some("") => None,
+        Some(k) => Some(k.to_string()),
+        None => Some(f.settings.drift_cohort_key.clone()),
+    };
+    let since = match (last, version) {
+        (Some(n), Some(v)) if n > 0 => f.store.drift_bucket_back(&model, v, n - 1).await?.unwrap_or(0),
+        _ => 0,
+    };
+    let mut rows = rows(f, &Query { model, version, selector, by, since, histograms }).await?;
+    if let (Some(n), None) = (last, version) {
+        // Per version: keep its latest n windows.
+        let mut ends: BTreeMap<u64, BTreeSet<i64>> = Default::default();
+        for r in &rows {
+            ends.entry(r.version).or_default().insert(r.window_end);
+        }
+        rows.retain(|r| ends[&r.version].iter().rev().take(n as usize).any(|e| *e == r.window_end));
+    }
+    Ok(rows)
+}
+
+/// Firing alerts (and resolved ones with `all`).
+pub async fn alerts(f: &Fleet, all: bool) -> anyhow::Result<Vec<AlertRow>> {
+    f.store.alerts(all).await
 }
 
 /// Re-judge the alerts of one cohort from its latest windows: raise, extend or resolve.
-fn judge_alerts(
-    s: &Shared,
+async fn judge_alerts(
+    s: &Fleet,
     model: &str,
     version: u64,
     profile: &Profile,
@@ -293,19 +395,19 @@ fn judge_alerts(
 ) -> anyhow::Result<()> {
     let k = profile.config.consecutive.max(1);
     // Enough of this cohort's windows back to see a run of k (and the window before it).
-    let since = s.store.drift_cohort_bucket_back(model, version, cohort, k.saturating_mul(4))?.unwrap_or(0);
+    let since = s.store.drift_cohort_bucket_back(model, version, cohort, k.saturating_mul(4)).await?.unwrap_or(0);
     let selector = Selector::parse(cohort).map_err(anyhow::Error::msg)?;
-    let by = Some(s.drift_cohort_key.clone());
-    let rows = rows(s, &Query { model: model.into(), version: Some(version), selector, by, since, histograms: false })?;
+    let by = Some(s.settings.drift_cohort_key.clone());
+    let rows =
+        rows(s, &Query { model: model.into(), version: Some(version), selector, by, since, histograms: false }).await?;
     for sp in &profile.signals {
         let name = &sp.signal.name;
-        let mine: Vec<&(i64, DriftRow)> =
-            rows.iter().filter(|(_, r)| &r.signal == name && r.cohort == cohort).collect();
-        let Some(&&(latest_end, ref latest)) = mine.iter().rev().find(|(_, r)| r.psi.is_some() || r.js.is_some())
-        else {
+        let mine: Vec<&Row> = rows.iter().filter(|r| &r.signal == name && r.cohort == cohort).collect();
+        let Some(latest) = mine.iter().rev().find(|r| r.psi.is_some() || r.js.is_some()) else {
             continue;
         };
-        let firing = s.store.firing_alert(model, version, cohort, name)?;
+        let latest_end = latest.bucket;
+        let firing = s.store.firing_alert(model, version, cohort, name).await?;
         let metric = latest.exceeded.first().and_then(|m| flotilla_drift::Metric::parse(m));
         let value = metric.and_then(|m| match m {
             flotilla_drift::Metric::Psi => latest.psi,
@@ -315,120 +417,40 @@ fn judge_alerts(
         });
         match (firing, latest.alert, latest.exceeded.is_empty()) {
             (None, true, _) => {
-                let run: Vec<_> = mine.iter().rev().take_while(|(_, r)| !r.exceeded.is_empty()).collect();
-                let first = run.last().map_or(latest_end, |(b, _)| *b);
-                let id = s.store.raise_alert(&AlertRow {
-                    id: 0,
-                    model: model.into(),
-                    version,
-                    cohort: cohort.into(),
-                    signal: name.clone(),
-                    metrics: latest.exceeded.join(","),
-                    value,
-                    threshold: metric.and_then(|m| profile.config.thresholds.get(&m).copied()),
-                    windows: run.len() as u32,
-                    first_window: first,
-                    last_window: latest_end,
-                    state: "firing".into(),
-                    raised: now,
-                    resolved: None,
-                })?;
+                let run: Vec<_> = mine.iter().rev().take_while(|r| !r.exceeded.is_empty()).collect();
+                let first = run.last().map_or(latest_end, |r| r.bucket);
+                let id = s
+                    .store
+                    .raise_alert(&AlertRow {
+                        id: 0,
+                        model: model.into(),
+                        version,
+                        cohort: cohort.into(),
+                        signal: name.clone(),
+                        metrics: latest.exceeded.join(","),
+                        value,
+                        threshold: metric.and_then(|m| profile.config.thresholds.get(&m).copied()),
+                        windows: run.len() as u32,
+                        first_window: first,
+                        last_window: latest_end,
+                        state: "firing".into(),
+                        raised: now,
+                        resolved: None,
+                    })
+                    .await?;
                 tracing::warn!(id, model, version, cohort, signal = %name, metrics = %latest.exceeded.join(","), "drift alert raised");
             }
             (Some(a), _, false) if latest_end > a.last_window => {
-                s.store.extend_alert(a.id, a.windows + 1, latest_end, value)?;
+                s.store.extend_alert(a.id, a.windows + 1, latest_end, value).await?;
             }
             (Some(a), _, true) if latest_end > a.last_window => {
-                s.store.resolve_alert(a.id, now)?;
+                s.store.resolve_alert(a.id, now).await?;
                 tracing::info!(id = a.id, model, version, cohort, signal = %name, "drift alert resolved");
             }
             _ => {}
         }
     }
     Ok(())
-}
-
-/// Store a part of a reservoir sample the server asked for.
-pub fn ingest_samples(s: &Shared, device: &str, b: SampleBatch, now: i64) -> anyhow::Result<()> {
-    let mut rows = Vec::with_capacity(b.samples.len());
-    for sample in &b.samples {
-        let mut body = Vec::new();
-        ciborium::into_writer(sample, &mut body)?;
-        rows.push((sample.id.clone(), (sample.ts / 1000) as i64, body));
-    }
-    if !s.store.add_sample_part(device, &b.upload_id, &b.model, b.version, &rows, b.last, now)? {
-        tracing::warn!(device, upload = %b.upload_id, "samples for an upload this server did not ask for: ignored");
-    }
-    Ok(())
-}
-
-/// A stored sample as the API shows it: inputs as v2 tensors (usable as golden or baseline
-/// data, or by a trainer).
-pub fn sample_record(device: String, version: u64, model: &str, body: &[u8]) -> anyhow::Result<SampleRecord> {
-    let sample: Sample = ciborium::from_reader(body)?;
-    let inputs = sample
-        .inputs
-        .iter()
-        .map(|t| {
-            Ok(InferTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                datatype: t.datatype.clone(),
-                data: serde_json::Value::Array(le_numbers(&t.datatype, &t.data)?),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(SampleRecord {
-        device,
-        model: model.into(),
-        version,
-        id: sample.id,
-        ts: crate::rfc3339_ms(sample.ts as i64),
-        inputs,
-        predicted: sample.predicted,
-        labels: sample.labels,
-    })
-}
-
-/// Little-endian element bytes of an Open Inference Protocol datatype, as JSON numbers.
-fn le_numbers(datatype: &str, b: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
-    use serde_json::Value;
-    macro_rules! each {
-        ($t:ty, $n:expr) => {{
-            anyhow::ensure!(b.len().is_multiple_of($n), "{} bytes do not make {datatype} values", b.len());
-            b.chunks_exact($n).map(|c| Value::from(<$t>::from_le_bytes(c.try_into().expect("chunk size")))).collect()
-        }};
-    }
-    Ok(match datatype {
-        "FP32" => each!(f32, 4),
-        "FP64" => each!(f64, 8),
-        "INT64" => each!(i64, 8),
-        "INT32" => each!(i32, 4),
-        "INT16" => each!(i16, 2),
-        "INT8" => each!(i8, 1),
-        "UINT8" => each!(u8, 1),
-        "BOOL" => b.iter().map(|&x| Value::from(x != 0)).collect(),
-        other => anyhow::bail!("datatype {other} is not one samples carry"),
-    })
-}
-
-pub fn alert(a: AlertRow) -> DriftAlert {
-    DriftAlert {
-        id: a.id,
-        model: a.model,
-        version: a.version,
-        cohort: a.cohort,
-        signal: a.signal,
-        metrics: a.metrics.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
-        value: a.value,
-        threshold: a.threshold,
-        windows: a.windows,
-        first_window: crate::rfc3339_ms(a.first_window),
-        last_window: crate::rfc3339_ms(a.last_window),
-        state: a.state,
-        raised: crate::rfc3339_ms(a.raised * 1000),
-        resolved: a.resolved.map(|r| crate::rfc3339_ms(r * 1000)),
-    }
 }
 
 #[cfg(test)]

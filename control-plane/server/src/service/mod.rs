@@ -1,0 +1,69 @@
+//! The domain: what the control plane knows and decides, shared by both transports (the HTTP
+//! API in [`crate::http`], devices over MQTT in [`crate::mqtt`]) and the workers
+//! ([`crate::worker`]). Services take typed inputs and return typed results and [`Error`]s; they
+//! reach devices only through the [`DeviceBus`] and state only through the [`Store`] traits, and
+//! know neither HTTP nor MQTT.
+
+pub mod bundles;
+pub mod bus;
+pub mod certs;
+pub mod devices;
+pub mod drift;
+mod error;
+pub mod events;
+pub mod metrics;
+pub mod retrain;
+pub mod rollouts;
+pub mod samples;
+pub mod tokens;
+pub mod trust;
+
+use std::sync::{Arc, RwLock};
+
+use flotilla_bundle::TrustedRoot;
+use tokio::sync::Notify;
+
+pub use bus::{BrokerGate, DeviceBus};
+pub use error::{Error, Kind, Result};
+
+use crate::pki::Pki;
+use crate::store::Store;
+
+/// Settings the services read, fixed at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where offers tell devices to download bundles (`{public_url}/api/v1/bundles/{id}`).
+    pub public_url: Option<String>,
+    /// Bytes per MQTT chunk and per HTTP Range request that offers ask devices to use.
+    pub chunk_size: u32,
+    /// Drift: the tag whose values are the cohorts alerts are judged per.
+    pub drift_cohort_key: String,
+    /// Drift, count windows: how long a window that holds enough inferences stays open.
+    pub drift_period_ms: u64,
+    /// Keys the capabilities in offer and webhook URLs ([`tokens::capability`]).
+    pub capability_key: String,
+}
+
+/// The control plane's state and the ports to the outside, as every service sees them.
+pub struct Fleet {
+    pub store: Arc<dyn Store>,
+    /// Commands to devices.
+    pub bus: Arc<dyn DeviceBus>,
+    pub files: bundles::BundleFiles,
+    pub trust: RwLock<Option<TrustedRoot>>,
+    /// Wakes the workers early (an event arrived, a rollout or a job started).
+    pub wake: Notify,
+    pub settings: Settings,
+    pub profiles: drift::Profiles,
+    pub retrain: retrain::Retrain,
+    pub metrics: metrics::Counters,
+    /// The fleet CA and the server's certificate (None with `--insecure-plaintext`).
+    pub pki: Option<Pki>,
+}
+
+impl Fleet {
+    /// The current trust root (None until one is configured or pushed).
+    pub fn trust(&self) -> Option<TrustedRoot> {
+        self.trust.read().expect("trust lock").clone()
+    }
+}

@@ -1,0 +1,116 @@
+//! Devices as they report themselves (hello, retained state), server-side tags, health reports and the device event log.
+
+use async_trait::async_trait;
+use flotilla_proto::tags::Tags;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRow {
+    pub id: String,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+    /// What the device said about itself on its latest connect.
+    pub hello: Option<HelloRecord>,
+    /// The models it runs, from its latest retained state.
+    pub models: Vec<ModelRecord>,
+    /// Its own tags with the server's on top (a server value of "" removes a tag).
+    pub tags: Tags,
+}
+
+/// A device's hello, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HelloRecord {
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub arch: Option<String>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub cores: Option<u32>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    #[serde(default)]
+    pub delegates: Vec<String>,
+}
+
+/// A model a device runs, as stored (from its retained state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: u64,
+    pub backend: String,
+    /// `baking` while the device's watchdog judges it, then `active`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegated_nodes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_nodes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test_median_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthRow {
+    pub device: String,
+    pub version: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_p95_us: Option<u64>,
+    pub accelerator_fallback: bool,
+}
+
+#[async_trait]
+pub trait DeviceStore: Send + Sync {
+    /// Register a device (or refresh it) from its hello: online, with its own tags.
+    async fn device_hello(&self, id: &str, hello: &HelloRecord, tags: &Tags, now: i64) -> anyhow::Result<()>;
+
+    /// Record a state message. `models` None keeps the models as they were (last will).
+    async fn device_state(
+        &self,
+        id: &str,
+        online: bool,
+        models: Option<&[ModelRecord]>,
+        now: i64,
+    ) -> anyhow::Result<()>;
+
+    async fn devices(&self) -> anyhow::Result<Vec<DeviceRow>>;
+
+    async fn device(&self, id: &str) -> anyhow::Result<Option<DeviceRow>>;
+
+    /// Set (`Some`) or remove (`None`) server-side tags of a device; false if it is unknown.
+    async fn set_server_tags(&self, id: &str, changes: &[(String, Option<String>)]) -> anyhow::Result<bool>;
+
+    #[allow(clippy::too_many_arguments)]
+    async fn set_health(
+        &self,
+        device: &str,
+        model: &str,
+        version: u64,
+        inferences: u64,
+        errors: u64,
+        latency_p95_us: Option<u64>,
+        accelerator_fallback: bool,
+        backend: &str,
+        at: i64,
+    ) -> anyhow::Result<()>;
+
+    /// Every device's latest health for each version of a model, newest version first per device.
+    async fn health(&self, model: &str) -> anyhow::Result<Vec<HealthRow>>;
+
+    /// Append an event; a repeated (device, message id) is ignored. Returns whether it was new.
+    async fn add_event(&self, device: &str, msg_id: &str, at: i64, kind: &str, body_json: &str)
+    -> anyhow::Result<bool>;
+
+    async fn events(&self, device: Option<&str>, limit: u32) -> anyhow::Result<Vec<(String, i64, String, String)>>;
+
+    async fn set_device_root_version(&self, id: &str, version: u64) -> anyhow::Result<()>;
+
+    async fn device_root_version(&self, id: &str) -> anyhow::Result<Option<u64>>;
+}

@@ -1,0 +1,174 @@
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, params};
+
+use super::Sqlite;
+use flotilla_proto::tags::Tags;
+
+use super::device_row;
+use crate::store::{DeviceRow, DeviceStore, HealthRow, HelloRecord, ModelRecord};
+
+#[async_trait]
+impl DeviceStore for Sqlite {
+    async fn device_hello(&self, id: &str, hello: &HelloRecord, tags: &Tags, now: i64) -> anyhow::Result<()> {
+        let (hello_json, tags_json) = (serde_json::to_string(hello)?, serde_json::to_string(tags)?);
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO devices (id, online, last_seen, hello, tags) VALUES (?1, 1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET online = 1, last_seen = ?2, hello = ?3, tags = ?4",
+                params![id, now, hello_json, tags_json],
+            )
+        })?;
+        Ok(())
+    }
+
+    async fn device_state(
+        &self,
+        id: &str,
+        online: bool,
+        models: Option<&[ModelRecord]>,
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let models_json = models.map(serde_json::to_string).transpose()?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO devices (id, online, last_seen, models) VALUES (?1, ?2, ?3, COALESCE(?4, '[]'))
+                 ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, models = COALESCE(?4, devices.models)",
+                params![id, online, now, models_json],
+            )
+        })?;
+        Ok(())
+    }
+
+    async fn devices(&self) -> anyhow::Result<Vec<DeviceRow>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices ORDER BY id")?;
+            st.query_map([], device_row)?.collect()
+        })
+    }
+
+    async fn device(&self, id: &str) -> anyhow::Result<Option<DeviceRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices WHERE id = ?1",
+                [id],
+                device_row,
+            )
+            .optional()
+        })
+    }
+
+    async fn set_server_tags(&self, id: &str, changes: &[(String, Option<String>)]) -> anyhow::Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let cur: Option<String> =
+                tx.query_row("SELECT server_tags FROM devices WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let Some(cur) = cur else { return Ok(false) };
+            let mut tags: std::collections::BTreeMap<String, Option<String>> =
+                serde_json::from_str(&cur).unwrap_or_default();
+            for (k, v) in changes {
+                tags.insert(k.clone(), v.clone());
+            }
+            let json = serde_json::to_string(&tags).unwrap_or_else(|_| "{}".into());
+            tx.execute("UPDATE devices SET server_tags = ?2 WHERE id = ?1", params![id, json])?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn set_health(
+        &self,
+        device: &str,
+        model: &str,
+        version: u64,
+        inferences: u64,
+        errors: u64,
+        latency_p95_us: Option<u64>,
+        accelerator_fallback: bool,
+        backend: &str,
+        at: i64,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO health (device_id, model, version, inferences, errors, latency_p95_us, accelerator_fallback, backend, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(device_id, model, version) DO UPDATE SET inferences = ?4, errors = ?5,
+                 latency_p95_us = ?6, accelerator_fallback = ?7, backend = ?8, at = ?9",
+                params![
+                    device,
+                    model,
+                    version as i64,
+                    inferences as i64,
+                    errors as i64,
+                    latency_p95_us.map(|v| v as i64),
+                    accelerator_fallback,
+                    backend,
+                    at
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    async fn health(&self, model: &str) -> anyhow::Result<Vec<HealthRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, version, inferences, errors, latency_p95_us, accelerator_fallback FROM health
+                 WHERE model = ?1 ORDER BY device_id, version DESC",
+            )?;
+            st.query_map([model], |r| {
+                Ok(HealthRow {
+                    device: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                    inferences: r.get::<_, i64>(2)? as u64,
+                    errors: r.get::<_, i64>(3)? as u64,
+                    latency_p95_us: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    accelerator_fallback: r.get(5)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    async fn add_event(
+        &self,
+        device: &str,
+        msg_id: &str,
+        at: i64,
+        kind: &str,
+        body_json: &str,
+    ) -> anyhow::Result<bool> {
+        let n = self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO events (device_id, msg_id, at, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![device, msg_id, at, kind, body_json],
+            )
+        })?;
+        Ok(n == 1)
+    }
+
+    async fn events(&self, device: Option<&str>, limit: u32) -> anyhow::Result<Vec<(String, i64, String, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT device_id, at, kind, body FROM events WHERE (?1 IS NULL OR device_id = ?1) ORDER BY seq DESC LIMIT ?2",
+            )?;
+            st.query_map(params![device, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
+        })
+    }
+
+    async fn set_device_root_version(&self, id: &str, version: u64) -> anyhow::Result<()> {
+        self.with(|c| c.execute("UPDATE devices SET root_version = ?2 WHERE id = ?1", params![id, version as i64]))?;
+        Ok(())
+    }
+
+    async fn device_root_version(&self, id: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self
+            .with(|c| {
+                c.query_row("SELECT root_version FROM devices WHERE id = ?1", [id], |r| r.get::<_, Option<i64>>(0))
+                    .optional()
+            })?
+            .flatten()
+            .map(|v| v as u64))
+    }
+}
