@@ -49,6 +49,23 @@ pub struct ServerConfig {
     pub tls: pki::TlsOptions,
     /// How long device certificates the fleet CA issues are valid.
     pub device_cert_lifetime_secs: i64,
+    /// How long the store keeps what grows with the fleet and with time.
+    pub retention: Retention,
+}
+
+/// How long the store keeps events, drift reports and samples (seconds; 0 keeps them forever).
+/// Older rows are deleted hourly.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Retention {
+    pub events_secs: u64,
+    pub drift_secs: u64,
+    pub samples_secs: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { events_secs: 30 * 86_400, drift_secs: 30 * 86_400, samples_secs: 90 * 86_400 }
+    }
 }
 
 impl ServerConfig {
@@ -72,6 +89,7 @@ impl ServerConfig {
             insecure_plaintext: false,
             tls: pki::TlsOptions::default(),
             device_cert_lifetime_secs: pki::DEFAULT_DEVICE_LIFETIME,
+            retention: Retention::default(),
         }
     }
 }

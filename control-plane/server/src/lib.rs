@@ -230,6 +230,7 @@ impl Server {
         }
         tasks.push(tokio::spawn(worker::driver::run(shared.clone(), cancel.clone())));
         tasks.push(tokio::spawn(worker::retrain::run(shared.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(worker::retention::run(shared.clone(), cfg.retention, cancel.clone())));
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
         match https {
             Some(config) => {

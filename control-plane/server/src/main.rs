@@ -108,6 +108,16 @@ struct Args {
     /// How long device certificates are valid (e.g. 365d); agents renew a third before the end.
     #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
     device_cert_lifetime: u64,
+    /// Keep device events this long (0: forever); older ones are deleted hourly.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    retain_events: u64,
+    /// Keep drift reports this long (0: forever). Alerts stay; windows older than this can no
+    /// longer be shown or judged.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    retain_drift: u64,
+    /// Keep uploaded reservoir samples this long (0: forever).
+    #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
+    retain_samples: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -262,6 +272,11 @@ async fn main() {
         names: a.tls_names,
     };
     cfg.device_cert_lifetime_secs = a.device_cert_lifetime as i64;
+    cfg.retention = flotilla_server::config::Retention {
+        events_secs: a.retain_events,
+        drift_secs: a.retain_drift,
+        samples_secs: a.retain_samples,
+    };
     let server = match Server::start(cfg).await {
         Ok(s) => s,
         Err(e) => {

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use flotilla_api::v1::{CredentialUpdate, Device, DeviceCredential, DeviceModel, Event, TagsUpdate};
 
 use super::{ApiErrors, Result, json_body};
@@ -47,6 +48,11 @@ pub(super) fn device(row: DeviceRow) -> Device {
 pub(super) struct DevicesQuery {
     /// Tag selector, e.g. `group=lab,arch!=armv7`.
     selector: Option<String>,
+    /// At most this many devices (at most 10000); without it, every device. The answer's
+    /// `Flotilla-Next` header carries the cursor of the next page, absent on the last.
+    limit: Option<u32>,
+    /// The page after this cursor (a device id: `Flotilla-Next` of the page before).
+    after: Option<String>,
 }
 
 #[utoipa::path(
@@ -55,15 +61,28 @@ pub(super) struct DevicesQuery {
     tag = "devices",
     summary = "List devices",
     params(DevicesQuery),
-    responses((status = 200, description = "ok", body = Vec<Device>), ApiErrors)
+    responses((status = 200, description = "ok", body = Vec<Device>, headers(("flotilla-next" = String, description = "with `limit`: the `after` of the next page, absent on the last"))), ApiErrors)
 )]
-pub(super) async fn list_devices(
-    State(f): State<Arc<Fleet>>,
-    Query(q): Query<DevicesQuery>,
-) -> Result<Json<Vec<Device>>> {
+pub(super) async fn list_devices(State(f): State<Arc<Fleet>>, Query(q): Query<DevicesQuery>) -> Result<Response> {
     let sel = devices::selector(q.selector.as_deref())?;
-    Ok(Json(devices::list(&f, &sel).await?.into_iter().map(device).collect()))
+    if q.limit.is_none() && q.after.is_none() {
+        return Ok(Json(devices::list(&f, &sel).await?.into_iter().map(device).collect::<Vec<_>>()).into_response());
+    }
+    let (rows, next) = devices::page(&f, &sel, q.after, q.limit.unwrap_or(devices::MAX_PAGE)).await?;
+    Ok(paged(rows.into_iter().map(device).collect::<Vec<_>>(), next))
 }
+
+/// A page of a list: the items, and the next page's cursor in `Flotilla-Next`.
+pub(super) fn paged<T: serde::Serialize>(items: Vec<T>, next: Option<String>) -> Response {
+    let mut r = Json(items).into_response();
+    if let Some(n) = next.and_then(|n| axum::http::HeaderValue::from_str(&n).ok()) {
+        r.headers_mut().insert(NEXT, n);
+    }
+    r
+}
+
+/// The header that carries the next page's cursor.
+pub(super) const NEXT: &str = "flotilla-next";
 
 #[utoipa::path(
     get,
@@ -133,7 +152,11 @@ pub(super) async fn unenroll_device(State(f): State<Arc<Fleet>>, Path(id): Path<
 #[into_params(parameter_in = Query)]
 pub(super) struct EventQuery {
     device: Option<String>,
+    /// At most this many (default 100, at most 10000), newest first; `Flotilla-Next` carries the
+    /// cursor of the older ones.
     limit: Option<u32>,
+    /// Events older than this cursor.
+    before: Option<i64>,
 }
 
 #[utoipa::path(
@@ -142,18 +165,20 @@ pub(super) struct EventQuery {
     tag = "devices",
     summary = "Device events, newest first",
     params(EventQuery),
-    responses((status = 200, description = "ok", body = Vec<Event>), ApiErrors)
+    responses((status = 200, description = "ok", body = Vec<Event>, headers(("flotilla-next" = String, description = "the `before` of the next (older) page, absent on the last"))), ApiErrors)
 )]
-pub(super) async fn list_events(State(f): State<Arc<Fleet>>, Query(q): Query<EventQuery>) -> Result<Json<Vec<Event>>> {
-    let rows = crate::service::events::list(&f, q.device.as_deref(), q.limit.unwrap_or(100).min(10_000)).await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(device, at, kind, body)| Event {
-                device,
-                at: rfc3339(at),
-                kind,
-                detail: serde_json::from_str(&body).unwrap_or_default(),
-            })
-            .collect(),
-    ))
+pub(super) async fn list_events(State(f): State<Arc<Fleet>>, Query(q): Query<EventQuery>) -> Result<Response> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let rows = crate::service::events::list(&f, q.device.as_deref(), q.before, limit).await?;
+    let next = (rows.len() as u32 == limit).then(|| rows.last().map(|e| e.seq.to_string())).flatten();
+    let events: Vec<Event> = rows
+        .into_iter()
+        .map(|e| Event {
+            device: e.device,
+            at: rfc3339(e.at),
+            kind: e.kind,
+            detail: serde_json::from_str(&e.body).unwrap_or_default(),
+        })
+        .collect();
+    Ok(paged(events, next))
 }

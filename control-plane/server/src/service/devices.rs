@@ -38,6 +38,39 @@ pub async fn list(f: &Fleet, sel: &Selector) -> Result<Vec<DeviceRow>> {
     Ok(f.store.devices().await?.into_iter().filter(|d| sel.matches(&facts(d))).collect())
 }
 
+/// One page of the devices the selector picks, by id: up to `limit` after `after`, and the
+/// cursor of the next page (None on the last). The store is read a page at a time, so a
+/// selector that picks few of many devices costs reads but never the whole fleet in memory.
+pub async fn page(
+    f: &Fleet,
+    sel: &Selector,
+    after: Option<String>,
+    limit: u32,
+) -> Result<(Vec<DeviceRow>, Option<String>)> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let mut out = Vec::new();
+    let mut cursor = after;
+    loop {
+        let rows = f.store.devices_page(cursor.as_deref(), limit).await?;
+        let full = rows.len() as u32 == limit;
+        for d in rows {
+            cursor = Some(d.id.clone());
+            if sel.matches(&facts(&d)) {
+                out.push(d);
+                if out.len() as u32 == limit {
+                    return Ok((out, cursor));
+                }
+            }
+        }
+        if !full {
+            return Ok((out, None));
+        }
+    }
+}
+
+/// The most a page holds.
+pub const MAX_PAGE: u32 = 10_000;
+
 pub async fn get(f: &Fleet, id: &str) -> Result<DeviceRow> {
     f.store.device(id).await?.ok_or_else(|| no_device(id))
 }

@@ -4,6 +4,7 @@
 use flotilla_proto::{Event, Msg};
 
 use super::Fleet;
+use crate::store::EventRow;
 use crate::util::now_s;
 
 /// A device's event: logged once per message id; install events move its offer on.
@@ -106,7 +107,7 @@ pub fn detail(e: &Event) -> serde_json::Value {
     }
 }
 
-/// The newest `limit` events (of one device, or all), newest first: (device, at, kind, detail).
-pub async fn list(f: &Fleet, device: Option<&str>, limit: u32) -> anyhow::Result<Vec<(String, i64, String, String)>> {
-    f.store.events(device, limit).await
+/// The newest `limit` events (of one device, or all) before event `before`, newest first.
+pub async fn list(f: &Fleet, device: Option<&str>, before: Option<i64>, limit: u32) -> anyhow::Result<Vec<EventRow>> {
+    f.store.events(device, before, limit).await
 }

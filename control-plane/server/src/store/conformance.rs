@@ -22,6 +22,7 @@ where
     rollout_saves_compare_the_revision(&*fresh().await).await;
     retrain_jobs_open_once_and_save_by_revision(&*fresh().await).await;
     leases_have_one_holder_at_a_time(&*fresh().await).await;
+    lists_page_by_key_and_old_rows_are_pruned(&*fresh().await).await;
     claim_tokens_work_once_and_not_after_expiry(&*fresh().await).await;
     revocation_covers_every_certificate_and_survives_reopening(&*fresh().await).await;
 }
@@ -134,6 +135,36 @@ pub async fn leases_have_one_holder_at_a_time(open: Open<'_>) {
     s.release_lease("rollout/r1", "b", 2).await.unwrap();
     assert_eq!(s.acquire_lease("rollout/r1", "a", 1000, 2000).await.unwrap(), Some(3), "released: a takes it");
     assert_eq!(s.acquire_lease("job/j1", "b", 1000, 2000).await.unwrap(), Some(1), "leases are per name");
+}
+
+/// Devices page by id and events by sequence, newest first; retention deletes by age.
+pub async fn lists_page_by_key_and_old_rows_are_pruned(open: Open<'_>) {
+    let s = open().await;
+    for i in 0..25 {
+        s.device_hello(&format!("d{i:02}"), &HelloRecord::default(), &Default::default(), i).await.unwrap();
+        s.add_event(&format!("d{i:02}"), "m", i, "k", "{}").await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.devices_page(after.as_deref(), 10).await.unwrap();
+        seen.extend(page.iter().map(|d| d.id.clone()));
+        if page.len() < 10 {
+            break;
+        }
+        after = page.last().map(|d| d.id.clone());
+    }
+    let all: Vec<String> = (0..25).map(|i| format!("d{i:02}")).collect();
+    assert_eq!(seen, all, "every device once, in id order");
+    let first = s.events(None, None, 10).await.unwrap();
+    assert_eq!((first.len(), first[0].at, first[9].at), (10, 24, 15), "newest first");
+    let next = s.events(None, Some(first[9].seq), 10).await.unwrap();
+    assert_eq!(next[0].at, 14);
+    assert_eq!(s.events(Some("d03"), None, 10).await.unwrap().len(), 1);
+    assert_eq!(s.prune_events(20).await.unwrap(), 20);
+    assert_eq!(s.events(None, None, 100).await.unwrap().len(), 5);
+    assert_eq!(s.prune_drift_reports(i64::MAX).await.unwrap(), 0);
+    assert_eq!(s.prune_samples(i64::MAX).await.unwrap(), 0);
 }
 
 pub async fn claim_tokens_work_once_and_not_after_expiry(open: Open<'_>) {

@@ -56,6 +56,19 @@ pub struct ModelRecord {
     pub self_test_median_us: Option<u64>,
 }
 
+/// One entry of the device event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    /// Grows with every event stored (the pagination key).
+    pub seq: i64,
+    pub device: String,
+    /// Seconds since the epoch, by the device's clock.
+    pub at: i64,
+    pub kind: String,
+    /// JSON.
+    pub body: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthRow {
     pub device: String,
@@ -80,7 +93,11 @@ pub trait DeviceStore: Send + Sync {
         now: i64,
     ) -> anyhow::Result<()>;
 
+    /// Every device, by id.
     async fn devices(&self) -> anyhow::Result<Vec<DeviceRow>>;
+
+    /// Up to `limit` devices with ids after `after`, by id (keyset pagination).
+    async fn devices_page(&self, after: Option<&str>, limit: u32) -> anyhow::Result<Vec<DeviceRow>>;
 
     async fn device(&self, id: &str) -> anyhow::Result<Option<DeviceRow>>;
 
@@ -108,7 +125,11 @@ pub trait DeviceStore: Send + Sync {
     async fn add_event(&self, device: &str, msg_id: &str, at: i64, kind: &str, body_json: &str)
     -> anyhow::Result<bool>;
 
-    async fn events(&self, device: Option<&str>, limit: u32) -> anyhow::Result<Vec<(String, i64, String, String)>>;
+    /// The newest `limit` events (of one device, or all) older than event `before`, newest first.
+    async fn events(&self, device: Option<&str>, before: Option<i64>, limit: u32) -> anyhow::Result<Vec<EventRow>>;
+
+    /// Forget events from before `at` (seconds); how many.
+    async fn prune_events(&self, at: i64) -> anyhow::Result<u64>;
 
     async fn set_device_root_version(&self, id: &str, version: u64) -> anyhow::Result<()>;
 

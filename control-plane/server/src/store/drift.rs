@@ -102,4 +102,7 @@ pub trait DriftStore: Send + Sync {
 
     /// Alerts, newest first; only firing ones unless `all`.
     async fn alerts(&self, all: bool) -> anyhow::Result<Vec<AlertRow>>;
+
+    /// Forget reports received before `at` (seconds); how many.
+    async fn prune_drift_reports(&self, at: i64) -> anyhow::Result<u64>;
 }

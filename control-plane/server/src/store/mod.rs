@@ -21,7 +21,7 @@ pub mod conformance;
 pub use auth::{AuthStore, TokenRow};
 pub use bundles::{BundleRow, BundleStore};
 pub use certs::{CertStore, ClaimTokenRow, DeviceCertRow};
-pub use devices::{DeviceRow, DeviceStore, HealthRow, HelloRecord, ModelRecord};
+pub use devices::{DeviceRow, DeviceStore, EventRow, HealthRow, HelloRecord, ModelRecord};
 pub use drift::{AlertRow, DriftReportRow, DriftStore, OpenDriftWindow};
 pub use leases::{LeaseRow, LeaseStore};
 pub use retrain::{JobRow, RetrainStore};

@@ -23,4 +23,7 @@ pub trait SampleStore: Send + Sync {
 
     /// (device, version, body) of a model's stored samples, oldest first.
     async fn samples(&self, model: &str, version: Option<u64>) -> anyhow::Result<Vec<(String, u64, Vec<u8>)>>;
+
+    /// Forget samples received before `at` (seconds); how many.
+    async fn prune_samples(&self, at: i64) -> anyhow::Result<u64>;
 }

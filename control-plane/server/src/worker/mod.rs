@@ -3,4 +3,5 @@
 //! transports' handlers, and persist before they act.
 
 pub mod driver;
+pub mod retention;
 pub mod retrain;

@@ -5,7 +5,7 @@ use super::Sqlite;
 use flotilla_proto::tags::Tags;
 
 use super::device_row;
-use crate::store::{DeviceRow, DeviceStore, HealthRow, HelloRecord, ModelRecord};
+use crate::store::{DeviceRow, DeviceStore, EventRow, HealthRow, HelloRecord, ModelRecord};
 
 #[async_trait]
 impl DeviceStore for Sqlite {
@@ -44,6 +44,16 @@ impl DeviceStore for Sqlite {
             let mut st =
                 c.prepare("SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices ORDER BY id")?;
             st.query_map([], device_row)?.collect()
+        })
+    }
+
+    async fn devices_page(&self, after: Option<&str>, limit: u32) -> anyhow::Result<Vec<DeviceRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, online, last_seen, hello, models, tags, server_tags FROM devices
+                 WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2",
+            )?;
+            st.query_map(params![after, limit], device_row)?.collect()
         })
     }
 
@@ -148,13 +158,21 @@ impl DeviceStore for Sqlite {
         Ok(n == 1)
     }
 
-    async fn events(&self, device: Option<&str>, limit: u32) -> anyhow::Result<Vec<(String, i64, String, String)>> {
+    async fn events(&self, device: Option<&str>, before: Option<i64>, limit: u32) -> anyhow::Result<Vec<EventRow>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT device_id, at, kind, body FROM events WHERE (?1 IS NULL OR device_id = ?1) ORDER BY seq DESC LIMIT ?2",
+                "SELECT seq, device_id, at, kind, body FROM events
+                 WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3",
             )?;
-            st.query_map(params![device, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
+            st.query_map(params![device, before, limit], |r| {
+                Ok(EventRow { seq: r.get(0)?, device: r.get(1)?, at: r.get(2)?, kind: r.get(3)?, body: r.get(4)? })
+            })?
+            .collect()
         })
+    }
+
+    async fn prune_events(&self, at: i64) -> anyhow::Result<u64> {
+        Ok(self.with(|c| c.execute("DELETE FROM events WHERE at < ?1", [at]))? as u64)
     }
 
     async fn set_device_root_version(&self, id: &str, version: u64) -> anyhow::Result<()> {

@@ -200,4 +200,8 @@ impl DriftStore for Sqlite {
             st.query_map([all], alert_row)?.collect()
         })
     }
+
+    async fn prune_drift_reports(&self, at: i64) -> anyhow::Result<u64> {
+        Ok(self.with(|c| c.execute("DELETE FROM drift_reports WHERE received < ?1", [at]))? as u64)
+    }
 }

@@ -78,4 +78,8 @@ impl SampleStore for Sqlite {
             .collect()
         })
     }
+
+    async fn prune_samples(&self, at: i64) -> anyhow::Result<u64> {
+        Ok(self.with(|c| c.execute("DELETE FROM samples WHERE received < ?1", [at]))? as u64)
+    }
 }
