@@ -8,6 +8,15 @@ use crate::pki;
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Where fleet state lives: None for SQLite at `DATA_DIR/fleet.db`, or `postgres://…`
+    /// (several replicas can share it).
+    pub store: Option<String>,
+    /// This replica's name among several sharing one store and one external broker (the holder
+    /// of its leases, its MQTT client id). Default: made up at each start.
+    pub replica_id: Option<String>,
+    /// Run the workers here (the rollout driver, the retraining runner, retention). Off: a
+    /// replica that serves the API and takes device messages only.
+    pub workers: bool,
     pub http: SocketAddr,
     /// Where the embedded broker listens (ignored with `external_broker`).
     pub mqtt: SocketAddr,
@@ -72,6 +81,9 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ServerConfig {
             data_dir,
+            store: None,
+            replica_id: None,
+            workers: true,
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
             external_broker: None,

@@ -41,6 +41,31 @@ use store::Store;
 use store::sqlite::Sqlite;
 pub use util::{new_id, now_ms, now_s, rfc3339_ms};
 
+/// The shared-subscription group replicas share device topics in.
+const SHARE_GROUP: &str = "flotilla";
+
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", new_id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The store `cfg.store` names: SQLite in the data directory by default.
+async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.store.as_deref() {
+        None => Ok(Arc::new(Sqlite::open(&cfg.data_dir.join("fleet.db"))?)),
+        Some(u) if u.starts_with("sqlite:") => Ok(Arc::new(Sqlite::open(std::path::Path::new(&u["sqlite:".len()..]))?)),
+        Some(u) if is_postgres(u) => Ok(Arc::new(store::postgres::Postgres::connect(u).await.context("--store")?)),
+        Some(u) => {
+            anyhow::bail!("--store {u:?}: expected sqlite:PATH (the default is DATA_DIR/fleet.db) or postgres://…")
+        }
+    }
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 pub struct Server {
     shared: Arc<Fleet>,
     broker: Option<EmbeddedBroker>,
@@ -59,7 +84,8 @@ impl Server {
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         flotilla_pki::tls::install_default_provider();
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        let store: Arc<dyn Store> = Arc::new(Sqlite::open(&cfg.data_dir.join("fleet.db"))?);
+        let store = open_store(&cfg).await?;
+        let replica = cfg.replica_id.clone().unwrap_or_else(|| format!("r-{}", new_id()));
         let files = BundleFiles::open(&cfg.data_dir)?;
         let trust = service::trust::load(store.as_ref(), cfg.trust_root.as_deref()).await?;
         tokens::ensure_admin(store.as_ref(), &cfg.data_dir).await?;
@@ -191,12 +217,19 @@ impl Server {
             .or_else(|| (!http_addr.ip().is_unspecified()).then(|| format!("{scheme}://{http_addr}")))
             .map(|u| u.trim_end_matches('/').to_string());
         let https = tls_config(flotilla_pki::tls::ClientAuth::None)?;
-        // One session per data directory (a second server on the same store would take it over).
-        let dir_id = cfg.data_dir.canonicalize().unwrap_or_else(|_| cfg.data_dir.clone());
-        let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
+        // Replicas sharing an external broker share the device topics (shared subscriptions,
+        // one clean session each); a single server keeps one persistent session per data
+        // directory (a second server on the same directory would take it over).
+        let shared_subscriptions = cfg.external_broker.is_some() && cfg.store.as_deref().is_some_and(is_postgres);
+        let client_id = if shared_subscriptions {
+            format!("{}-{replica}", flotilla_proto::SERVER_IDENTITY)
+        } else {
+            let dir_id = cfg.data_dir.canonicalize().unwrap_or_else(|_| cfg.data_dir.clone());
+            let digest = flotilla_bundle::format::sha256_hex(dir_id.to_string_lossy().as_bytes());
+            format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16])
+        };
         let mqtt_login_plain = login.tls.is_none();
-        let (client, eventloop) =
-            mqtt::client::client(&login, &format!("{}-{}", flotilla_proto::SERVER_IDENTITY, &digest[..16]));
+        let (client, eventloop) = mqtt::client::client(&login, &client_id, shared_subscriptions);
         let topics = Topics::new(&cfg.topic_prefix);
         let bus = MqttBus { client: client.clone(), topics: topics.clone(), gate: broker_auth };
         let shared = Arc::new(Fleet {
@@ -211,6 +244,7 @@ impl Server {
                 drift_cohort_key: cfg.drift_cohort_key.clone(),
                 drift_period_ms: cfg.drift_period_secs.max(1) * 1000,
                 capability_key,
+                replica: replica.clone(),
             },
             profiles: Default::default(),
             retrain: service::retrain::Retrain::new(&cfg.data_dir, retrain_key),
@@ -221,16 +255,27 @@ impl Server {
         let mut tasks = Vec::new();
         let connected_notify = Arc::new(Notify::new());
         let connected = connected_notify.notified();
-        let ingest =
-            Ingest { fleet: shared.clone(), client: client.clone(), topics, connected: connected_notify.clone() };
+        let ingest = Ingest {
+            fleet: shared.clone(),
+            client: client.clone(),
+            topics,
+            connected: connected_notify.clone(),
+            shared: shared_subscriptions.then(|| SHARE_GROUP.to_string()),
+            state_subscribed: Default::default(),
+        };
+        if shared_subscriptions {
+            tasks.push(tokio::spawn(mqtt::ingest::lead_state(ingest.clone(), cancel.clone())));
+        }
         tasks.push(tokio::spawn(mqtt::ingest::run(ingest, eventloop, cancel.clone())));
         // Wait (briefly) for the subscriptions, so no device message is missed from the start.
         if tokio::time::timeout(std::time::Duration::from_secs(10), connected).await.is_err() {
             tracing::warn!(broker = %mqtt_addr, "not subscribed to the broker yet; continuing and retrying in the background");
         }
-        tasks.push(tokio::spawn(worker::driver::run(shared.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(worker::retrain::run(shared.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(worker::retention::run(shared.clone(), cfg.retention, cancel.clone())));
+        if cfg.workers {
+            tasks.push(tokio::spawn(worker::driver::run(shared.clone(), cancel.clone())));
+            tasks.push(tokio::spawn(worker::retrain::run(shared.clone(), cancel.clone())));
+            tasks.push(tokio::spawn(worker::retention::run(shared.clone(), cfg.retention, cancel.clone())));
+        }
         let (app, stop) = (http::router(shared.clone()), cancel.clone());
         match https {
             Some(config) => {
@@ -262,7 +307,13 @@ impl Server {
         if let Some(u) = &shared.settings.public_url {
             endpoints["public_url"] = u.as_str().into();
         }
-        std::fs::write(cfg.data_dir.join("endpoints.json"), endpoints.to_string())?;
+        // Replicas sharing a data directory: each also writes its own, and endpoints.json names
+        // the one that started last (any replica serves every request).
+        if let Some(r) = &cfg.replica_id {
+            endpoints["replica"] = r.as_str().into();
+            write_atomically(&cfg.data_dir.join(format!("endpoints-{r}.json")), &endpoints.to_string())?;
+        }
+        write_atomically(&cfg.data_dir.join("endpoints.json"), &endpoints.to_string())?;
         tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %cfg.data_dir.display(), "flotilla-server started");
         Ok(Server {
             shared,

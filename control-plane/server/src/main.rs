@@ -35,6 +35,19 @@ struct Args {
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// Where fleet state lives: SQLite in DATA_DIR/fleet.db by default (one server), or
+    /// postgres://USER@HOST:PORT/DB, which several replicas share (each with --broker on one
+    /// external broker, and DATA_DIR on storage they all reach).
+    #[arg(long, env = "FLOTILLA_STORE", value_name = "URL", hide_env_values = true)]
+    store: Option<String>,
+    /// This replica's name (its MQTT client id and the holder of its leases); default: made up
+    /// at each start.
+    #[arg(long, value_name = "NAME")]
+    replica_id: Option<String>,
+    /// Drive no rollouts or retraining jobs here: serve the API and take device messages only
+    /// (a replica of the API tier, while others do the work).
+    #[arg(long)]
+    no_workers: bool,
     /// HTTP API address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -250,6 +263,9 @@ async fn main() {
         None => {}
     }
     let mut cfg = ServerConfig::new(data_dir);
+    cfg.store = a.store;
+    cfg.replica_id = a.replica_id;
+    cfg.workers = !a.no_workers;
     cfg.http = a.http;
     cfg.mqtt = a.mqtt;
     cfg.external_broker = a.broker;

@@ -66,16 +66,23 @@ impl Pki {
         let dir = data_dir.join(DIR);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let (ca_path, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-        let ca = if ca_path.exists() {
-            let cert = read(&ca_path)?;
-            let key = read(&ca_key).context("the fleet CA's certificate is there but not its key")?;
-            Ca::load(&cert, &key).with_context(|| format!("the fleet CA in {}", dir.display()))?
+        let ca = if ca_key.exists() {
+            load_ca(&dir)?
         } else {
+            // Replicas sharing a data directory may start at once: the one whose key lands
+            // first (a hard link never replaces a file) makes the CA; the others load it.
             let ca = Ca::generate("Flotilla fleet CA", now, CA_LIFETIME)?;
-            write_private(&ca_key, ca.key_pem())?;
-            write_public(&ca_path, ca.cert_pem())?;
-            tracing::info!(path = %ca_path.display(), "created the fleet CA");
-            ca
+            let tmp = dir.join(format!(".ca-{}.key", crate::util::new_id()));
+            write_private(&tmp, ca.key_pem())?;
+            let won = std::fs::hard_link(&tmp, &ca_key).is_ok();
+            let _ = std::fs::remove_file(&tmp);
+            if won {
+                write_public(&ca_path, ca.cert_pem())?;
+                tracing::info!(path = %ca_path.display(), "created the fleet CA");
+                ca
+            } else {
+                load_ca(&dir)?
+            }
         };
         let server = match (&opts.cert, &opts.key) {
             (Some(c), Some(k)) => {
@@ -241,6 +248,20 @@ pub fn mosquitto_files(
     let path = out.join("mosquitto.conf");
     write_public(&path, &conf)?;
     Ok(path)
+}
+
+/// The fleet CA in `dir` (waiting briefly for a replica that is writing its certificate).
+fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    for _ in 0..50 {
+        if cert.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let key = read(&key)?;
+    let cert = read(&cert).context("the fleet CA's key is there but not its certificate")?;
+    Ca::load(&cert, &key).with_context(|| format!("the fleet CA in {}", dir.display()))
 }
 
 fn read(p: &Path) -> anyhow::Result<String> {

@@ -38,6 +38,12 @@ pub struct FleetOptions {
     pub insecure_plaintext: bool,
     /// An operator's own server certificate, client CAs, names (`--tls-cert`, `--client-ca`, …).
     pub tls: flotilla_server::pki::TlsOptions,
+    /// The store (`--store postgres://…`; None: SQLite in the data directory).
+    pub store: Option<String>,
+    /// The in-process server's replica id (`--replica-id`).
+    pub replica_id: Option<String>,
+    /// Whether the in-process server drives rollouts and jobs (`--no-workers` when false).
+    pub workers: bool,
 }
 
 impl Default for FleetOptions {
@@ -51,6 +57,9 @@ impl Default for FleetOptions {
             require_device_password: false,
             insecure_plaintext: false,
             tls: Default::default(),
+            store: None,
+            replica_id: None,
+            workers: true,
         }
     }
 }
@@ -120,6 +129,9 @@ impl Fleet {
         cfg.require_device_password = opts.require_device_password;
         cfg.insecure_plaintext = opts.insecure_plaintext;
         cfg.tls = opts.tls;
+        cfg.store = opts.store;
+        cfg.replica_id = opts.replica_id;
+        cfg.workers = opts.workers;
         if let Some(c) = opts.chunk_size {
             cfg.chunk_size = c;
         }
@@ -208,6 +220,38 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(last.expect("tried").context("restarting the control plane"))
+    }
+
+    /// Another replica of this fleet's server, as its own `flotilla-server` process (`bin`) on the
+    /// same data directory, store and broker: it can be killed as a crash would. Returns the
+    /// child and the replica's API URL (from `DATA_DIR/endpoints-ID.json`).
+    pub async fn spawn_replica(&self, bin: &Path, id: &str) -> anyhow::Result<(std::process::Child, String)> {
+        let c = &self.server_cfg;
+        let store = c.store.as_deref().context("replicas share a store: start the fleet with FleetOptions.store")?;
+        let broker = c.external_broker.as_deref().context("replicas share an external broker")?;
+        let endpoints = c.data_dir.join(format!("endpoints-{id}.json"));
+        let _ = std::fs::remove_file(&endpoints);
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--data-dir").arg(&c.data_dir);
+        cmd.args(["--store", store, "--broker", broker, "--replica-id", id]);
+        cmd.args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
+        if let Some(r) = &c.trust_root {
+            cmd.arg("--trust-root").arg(r);
+        }
+        if let Some(k) = &c.retrain_key {
+            cmd.arg("--retrain-key").arg(k);
+        }
+        let log = std::fs::File::create(self.dir.join(format!("replica-{id}.log")))?;
+        cmd.stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "info");
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !endpoints.exists() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "replica {id} wrote no endpoints within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&endpoints)?)?;
+        let http = e["http"].as_str().context("endpoints without http")?;
+        Ok((child, format!("{}://{http}", e["scheme"].as_str().unwrap_or("https"))))
     }
 
     pub async fn start_agent(&mut self, id: &str) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use crate::service::{Fleet, trust};
 )]
 
 pub(super) async fn get_root(State(f): State<Arc<Fleet>>) -> Result<Response> {
-    let t = trust::current(&f)?;
+    let t = trust::current(&f).await?;
     Ok(([(header::CONTENT_TYPE, "application/vnd.flotilla.root+cbor")], t.to_bytes()).into_response())
 }
 

@@ -24,10 +24,13 @@ pub struct BrokerLogin {
 /// `client_id` is stable for a server's data directory: with a persistent session the broker
 /// keeps what devices send while the server restarts (events, acknowledgements), and delivers
 /// it when the server is back.
-pub fn client(login: &BrokerLogin, client_id: &str) -> (AsyncClient, EventLoop) {
+/// With `shared` (replicas sharing an external broker), each replica's session is clean: a
+/// shared subscription hands each message to one connected member, and a dead replica's
+/// persistent session would hold its share back.
+pub fn client(login: &BrokerLogin, client_id: &str, shared: bool) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, login.host.clone(), login.port);
     // It also resubscribes on every connect and reads retained state.
-    opts.set_clean_session(false);
+    opts.set_clean_session(shared);
     opts.set_keep_alive(Duration::from_secs(30));
     let max = flotilla_proto::MAX_PAYLOAD + 64 * 1024;
     opts.set_max_packet_size(max, max);

@@ -3,6 +3,7 @@
 //! samples, certificates); fetch requests are answered with chunks.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flotilla_proto::{Channel, Event, FetchRequest, Hello, Msg, State, Telemetry, Topics};
@@ -25,6 +26,61 @@ pub struct Ingest {
     pub topics: Topics,
     /// Notified after each (re)subscription to the device topics.
     pub connected: Arc<Notify>,
+    /// Replicas: the shared-subscription group device topics are shared in. Each device's
+    /// `state` stays one ordered stream: only the replica holding the `ingest/state` lease
+    /// subscribes to it ([`lead_state`]), so a device's `baking` can never overwrite its later
+    /// `active` (nor a will its next connection's state) by landing on a slower replica.
+    pub shared: Option<String>,
+    /// Whether this replica is subscribed to the state topics now.
+    pub state_subscribed: Arc<AtomicBool>,
+}
+
+impl Ingest {
+    fn filter(&self, ch: Channel) -> String {
+        match &self.shared {
+            Some(group) => format!("$share/{group}/{}", self.topics.all_devices(ch)),
+            None => self.topics.all_devices(ch),
+        }
+    }
+
+    /// The channels subscribed on every connect (state only when not shared: see [`lead_state`]).
+    fn channels(&self) -> Vec<Channel> {
+        SUBSCRIBED.into_iter().filter(|c| self.shared.is_none() || *c != Channel::State).collect()
+    }
+}
+
+/// Replicas: hold the `ingest/state` lease and the state subscription together. The holder
+/// subscribes (the broker then sends every device's retained state, so nothing is missed at a
+/// hand-over); a replica that loses the lease unsubscribes.
+pub async fn lead_state(i: Ingest, cancel: CancellationToken) {
+    let state = i.topics.all_devices(Channel::State);
+    loop {
+        let held = match i.fleet.lease("ingest/state").await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "state lease: store unreachable; letting the state stream go");
+                false
+            }
+        };
+        let subscribed = i.state_subscribed.load(Ordering::Relaxed);
+        if held && !subscribed {
+            match i.client.subscribe(state.clone(), QoS::AtLeastOnce).await {
+                Ok(()) => {
+                    i.state_subscribed.store(true, Ordering::Relaxed);
+                    tracing::info!(replica = %i.fleet.settings.replica, "this replica now applies device state");
+                }
+                Err(e) => tracing::warn!(error = %e, "subscribing to device state failed"),
+            }
+        } else if !held && subscribed {
+            let _ = i.client.unsubscribe(state.clone()).await;
+            i.state_subscribed.store(false, Ordering::Relaxed);
+            tracing::info!(replica = %i.fleet.settings.replica, "another replica applies device state now");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(crate::service::LEASE_MS as u64 / 5)) => {}
+        }
+    }
 }
 
 pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken) {
@@ -40,10 +96,13 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
                 subacks = 0;
-                let (client, topics) = (i.client.clone(), i.topics.clone());
+                // A clean session lost its subscriptions: the state leader subscribes again.
+                i.state_subscribed.store(false, Ordering::Relaxed);
+                let (client, filters) = (i.client.clone(), i.channels().into_iter().map(|c| i.filter(c)));
+                let filters: Vec<String> = filters.collect();
                 tokio::spawn(async move {
-                    for ch in SUBSCRIBED {
-                        if let Err(e) = client.subscribe(topics.all_devices(ch), QoS::AtLeastOnce).await {
+                    for f in filters {
+                        if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
                             tracing::warn!(error = %e, "subscribe failed");
                         }
                     }
@@ -52,7 +111,7 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
             Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                 subacks += 1;
                 // Only once the broker has acknowledged every subscription is nothing missed.
-                if subacks == SUBSCRIBED.len() {
+                if subacks == i.channels().len() {
                     i.connected.notify_waiters();
                 }
             }

@@ -96,7 +96,7 @@ impl BundleFiles {
 /// Validate and store a pushed bundle (`name@version` once: the same bytes again are the same
 /// bundle, other bytes are a conflict).
 pub async fn push(f: &Fleet, bytes: bytes::Bytes) -> Result<BundleRow> {
-    let trust = f.trust();
+    let trust = f.trust().await?;
     let b2 = bytes.clone();
     let row = tokio::task::spawn_blocking(move || BundleFiles::check(&b2, trust.as_ref(), now_s()))
         .await

@@ -158,7 +158,7 @@ pub async fn hello(f: &Fleet, device: &str, h: &Hello) -> anyhow::Result<()> {
     if let Some(v) = h.root_version {
         f.store.set_device_root_version(device, v).await?;
     }
-    let latest = f.trust().map(|t| t.root().version);
+    let latest = f.trust().await?.map(|t| t.root().version);
     if let Some(latest) = latest
         && h.root_version.is_some_and(|v| v < latest)
     {

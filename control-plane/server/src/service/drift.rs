@@ -419,7 +419,7 @@ async fn judge_alerts(
             (None, true, _) => {
                 let run: Vec<_> = mine.iter().rev().take_while(|r| !r.exceeded.is_empty()).collect();
                 let first = run.last().map_or(latest_end, |r| r.bucket);
-                let id = s
+                let raised = s
                     .store
                     .raise_alert(&AlertRow {
                         id: 0,
@@ -438,7 +438,10 @@ async fn judge_alerts(
                         resolved: None,
                     })
                     .await?;
-                tracing::warn!(id, model, version, cohort, signal = %name, metrics = %latest.exceeded.join(","), "drift alert raised");
+                // None: another replica raised it first.
+                if let Some(id) = raised {
+                    tracing::warn!(id, model, version, cohort, signal = %name, metrics = %latest.exceeded.join(","), "drift alert raised");
+                }
             }
             (Some(a), _, false) if latest_end > a.last_window => {
                 s.store.extend_alert(a.id, a.windows + 1, latest_end, value).await?;

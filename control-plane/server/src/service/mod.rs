@@ -42,6 +42,20 @@ pub struct Settings {
     pub drift_period_ms: u64,
     /// Keys the capabilities in offer and webhook URLs ([`tokens::capability`]).
     pub capability_key: String,
+    /// This replica's name: the holder of the leases it takes.
+    pub replica: String,
+}
+
+/// How long a lease on shared work (a rollout, a retraining job, the ordered state stream)
+/// lasts unless renewed; holders renew it every step, well within this.
+pub const LEASE_MS: i64 = 15_000;
+
+impl Fleet {
+    /// Take or renew the lease `name` for this replica; false when another replica holds it.
+    pub async fn lease(&self, name: &str) -> anyhow::Result<bool> {
+        let now = crate::util::now_ms() as i64;
+        Ok(self.store.acquire_lease(name, &self.settings.replica, LEASE_MS, now).await?.is_some())
+    }
 }
 
 /// The control plane's state and the ports to the outside, as every service sees them.
@@ -62,8 +76,17 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// The current trust root (None until one is configured or pushed).
-    pub fn trust(&self) -> Option<TrustedRoot> {
-        self.trust.read().expect("trust lock").clone()
+    /// The current trust root (None until one is configured or pushed): the newest the store
+    /// holds, so a root another replica accepted counts here at once. The verified chain is
+    /// cached and rebuilt only when the store has a newer root.
+    pub async fn trust(&self) -> anyhow::Result<Option<TrustedRoot>> {
+        let newest = self.store.roots().await?.last().map(|(v, _)| *v);
+        let cached = self.trust.read().expect("trust lock").clone();
+        if newest == cached.as_ref().map(|t| t.root().version) {
+            return Ok(cached);
+        }
+        let fresh = trust::load(self.store.as_ref(), None).await?;
+        *self.trust.write().expect("trust lock") = fresh.clone();
+        Ok(fresh)
     }
 }

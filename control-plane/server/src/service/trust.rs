@@ -50,8 +50,8 @@ pub async fn send_roots(f: &Fleet, device: &str, have: Option<u64>) -> anyhow::R
 }
 
 /// The current root, or `Unavailable`.
-pub fn current(f: &Fleet) -> Result<TrustedRoot> {
-    f.trust().ok_or_else(|| {
+pub async fn current(f: &Fleet) -> Result<TrustedRoot> {
+    f.trust().await?.ok_or_else(|| {
         Error::new(super::Kind::NotFound, "no_trust_root", "this server has no trust root")
             .hint("push one with `flotilla trust push ROOT`")
     })
@@ -71,7 +71,7 @@ pub async fn push(f: &Fleet, body: &[u8]) -> Result<Pushed> {
         Error::unacceptable("invalid_root", e.to_string())
             .hint("check it with `flotilla trust verify ROOT --from CURRENT`")
     };
-    let next = match f.trust() {
+    let next = match f.trust().await? {
         None => TrustedRoot::anchor(body, now as u64).map_err(invalid)?,
         Some(cur) => {
             let (root, _) = flotilla_bundle::root::decode_untrusted(body).map_err(invalid)?;

@@ -23,6 +23,7 @@ where
     retrain_jobs_open_once_and_save_by_revision(&*fresh().await).await;
     leases_have_one_holder_at_a_time(&*fresh().await).await;
     lists_page_by_key_and_old_rows_are_pruned(&*fresh().await).await;
+    one_firing_alert_per_signal(&*fresh().await).await;
     claim_tokens_work_once_and_not_after_expiry(&*fresh().await).await;
     revocation_covers_every_certificate_and_survives_reopening(&*fresh().await).await;
 }
@@ -165,6 +166,37 @@ pub async fn lists_page_by_key_and_old_rows_are_pruned(open: Open<'_>) {
     assert_eq!(s.events(None, None, 100).await.unwrap().len(), 5);
     assert_eq!(s.prune_drift_reports(i64::MAX).await.unwrap(), 0);
     assert_eq!(s.prune_samples(i64::MAX).await.unwrap(), 0);
+}
+
+/// However many judges raise it, one alert fires per model, version, cohort and signal; once
+/// resolved, the next can fire.
+pub async fn one_firing_alert_per_signal(open: Open<'_>) {
+    let s = open().await;
+    let alert = |signal: &str| AlertRow {
+        id: 0,
+        model: "m".into(),
+        version: 1,
+        cohort: "group=lab".into(),
+        signal: signal.into(),
+        metrics: "psi".into(),
+        value: Some(0.5),
+        threshold: Some(0.2),
+        windows: 3,
+        first_window: 10,
+        last_window: 30,
+        state: "firing".into(),
+        raised: 100,
+        resolved: None,
+    };
+    let first = s.raise_alert(&alert("input")).await.unwrap().expect("raised");
+    assert_eq!(s.raise_alert(&alert("input")).await.unwrap(), None, "one firing already");
+    assert!(s.raise_alert(&alert("output")).await.unwrap().is_some(), "another signal");
+    let firing = s.firing_alert("m", 1, "group=lab", "input").await.unwrap().unwrap();
+    assert_eq!((firing.id, firing.windows, firing.value), (first, 3, Some(0.5)));
+    s.resolve_alert(first, 200).await.unwrap();
+    assert!(s.raise_alert(&alert("input")).await.unwrap().is_some(), "resolved: it may fire again");
+    assert_eq!(s.alerts(false).await.unwrap().len(), 2);
+    assert_eq!(s.alerts(true).await.unwrap().len(), 3);
 }
 
 pub async fn claim_tokens_work_once_and_not_after_expiry(open: Open<'_>) {

@@ -81,7 +81,9 @@ pub struct HealthRow {
 
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
-    /// Register a device (or refresh it) from its hello: online, with its own tags.
+    /// Register a device (or refresh it) from its hello, with its own tags. A new device is
+    /// online; a known one's `online` is left to its state messages (one ordered stream, where
+    /// hellos are not: a hello must not undo a later last will).
     async fn device_hello(&self, id: &str, hello: &HelloRecord, tags: &Tags, now: i64) -> anyhow::Result<()>;
 
     /// Record a state message. `models` None keeps the models as they were (last will).

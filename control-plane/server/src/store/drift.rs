@@ -93,7 +93,9 @@ pub trait DriftStore: Send + Sync {
         signal: &str,
     ) -> anyhow::Result<Option<AlertRow>>;
 
-    async fn raise_alert(&self, a: &AlertRow) -> anyhow::Result<i64>;
+    /// Raise an alert, unless one of the same model, version, cohort and signal is firing
+    /// already (one firing alert each, however many replicas judge at once): its id, or None.
+    async fn raise_alert(&self, a: &AlertRow) -> anyhow::Result<Option<i64>>;
 
     /// A firing alert saw another window over its threshold.
     async fn extend_alert(&self, id: i64, windows: u32, last_window: i64, value: Option<f64>) -> anyhow::Result<()>;

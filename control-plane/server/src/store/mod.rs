@@ -2,7 +2,8 @@
 //! replica) carries on from it. One trait per area ([`DeviceStore`], [`RolloutStore`], …), each
 //! with typed rows; [`Store`] is all of them. The services take `&dyn Store` and never see SQL.
 //!
-//! Implementations: [`sqlite::Sqlite`] (the embedded default, `DATA_DIR/fleet.db`).
+//! Implementations: [`sqlite::Sqlite`] (the embedded default, `DATA_DIR/fleet.db`) and
+//! [`postgres::Postgres`] (one database shared by several servers).
 
 mod auth;
 mod bundles;
@@ -10,6 +11,7 @@ mod certs;
 mod devices;
 mod drift;
 mod leases;
+pub mod postgres;
 mod retrain;
 mod rollouts;
 mod samples;

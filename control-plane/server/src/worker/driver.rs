@@ -79,6 +79,10 @@ async fn step(s: &Fleet) -> anyhow::Result<()> {
     let now = now_s();
     let devices = s.store.devices().await?;
     for rollout in s.store.active_rollouts().await? {
+        // One replica at a time drives a rollout; the others leave it alone while its lease runs.
+        if !s.lease(&format!("rollout/{}", rollout.id)).await? {
+            continue;
+        }
         let Some(bundle) = s.store.bundle(&rollout.bundle_id).await? else { continue };
         let rds = s.store.rollout_devices(&rollout.id).await?;
         let (plan, state) = engine_of(&rollout, &rds)?;

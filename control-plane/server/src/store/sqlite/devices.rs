@@ -14,7 +14,7 @@ impl DeviceStore for Sqlite {
         self.with(|c| {
             c.execute(
                 "INSERT INTO devices (id, online, last_seen, hello, tags) VALUES (?1, 1, ?2, ?3, ?4)
-                 ON CONFLICT(id) DO UPDATE SET online = 1, last_seen = ?2, hello = ?3, tags = ?4",
+                 ON CONFLICT(id) DO UPDATE SET last_seen = ?2, hello = ?3, tags = ?4",
                 params![id, now, hello_json, tags_json],
             )
         })?;

@@ -152,10 +152,10 @@ impl DriftStore for Sqlite {
         })
     }
 
-    async fn raise_alert(&self, a: &AlertRow) -> anyhow::Result<i64> {
+    async fn raise_alert(&self, a: &AlertRow) -> anyhow::Result<Option<i64>> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO drift_alerts (model, version, cohort, signal, metrics, value, threshold, windows,
+            let n = c.execute(
+                "INSERT OR IGNORE INTO drift_alerts (model, version, cohort, signal, metrics, value, threshold, windows,
                  first_window, last_window, state, raised) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'firing', ?11)",
                 params![
                     a.model,
@@ -171,7 +171,7 @@ impl DriftStore for Sqlite {
                     a.raised
                 ],
             )?;
-            Ok(c.last_insert_rowid())
+            Ok((n == 1).then(|| c.last_insert_rowid()))
         })
     }
 

@@ -246,7 +246,10 @@ impl Sqlite {
         // The reporting device's cohort when the report arrived (count windows form per cohort).
         add_column(&conn, "drift_reports", "cohort", "TEXT")?;
         conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS drift_reports_by_cohort ON drift_reports (model, version, cohort, bucket)",
+            "CREATE INDEX IF NOT EXISTS drift_reports_by_cohort ON drift_reports (model, version, cohort, bucket);
+             -- One firing alert per model, version, cohort and signal.
+             CREATE UNIQUE INDEX IF NOT EXISTS drift_alerts_one_firing ON drift_alerts (model, version, cohort, signal)
+                 WHERE state = 'firing';",
         )?;
         Ok(Sqlite { conn: Mutex::new(conn), latency: Histogram::default() })
     }

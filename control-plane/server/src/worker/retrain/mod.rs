@@ -37,7 +37,8 @@ pub async fn run(shared: Arc<Fleet>, cancel: CancellationToken) {
 async fn step(s: &Arc<Fleet>) -> anyhow::Result<()> {
     triggers(s).await?;
     for d in jobs(s).await? {
-        if !ACTIVE.contains(&d.job.state.as_str()) {
+        // One replica at a time carries a job on (renewed each step, so while a long step runs).
+        if !ACTIVE.contains(&d.job.state.as_str()) || !s.lease(&format!("job/{}", d.job.id)).await? {
             continue;
         }
         if let Err(e) = advance(s, &d).await {
