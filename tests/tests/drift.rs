@@ -39,7 +39,20 @@ fn drift_bundle_with(fleet: &Fleet, window: Window) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shifted_group_alerts_alone_and_offline_windows_arrive_late() {
     let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::start_with(dir.path(), 0, FleetOptions::default()).await.unwrap();
+    shifted_group(dir.path(), FleetOptions::default()).await;
+}
+
+/// The same rollout, windows and alerts with the fleet's state in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = flotilla_tests::start_postgres(&dir.path().join("pg"));
+    let opts = FleetOptions { store: Some(pg.create_database("fleet")), ..FleetOptions::default() };
+    shifted_group(&dir.path().join("fleet"), opts).await;
+}
+
+async fn shifted_group(dir: &std::path::Path, opts: FleetOptions) {
+    let mut fleet = Fleet::start_with(dir, 0, opts).await.unwrap();
     let proxy = Proxy::start(fleet.server.mqtt_addr).await.unwrap();
     for (id, group) in
         [("lab-0", "lab"), ("lab-1", "lab"), ("field-0", "field"), ("field-1", "field"), ("off-0", "offline")]

@@ -124,3 +124,62 @@ async fn a_rollout_survives_the_replica_driving_it() {
     kill(survivor.1);
     fleet.shutdown().await;
 }
+
+/// PostgreSQL away for 30 s in the middle of a staged rollout: the replica says it is unhealthy
+/// (503) while the store does not answer, acts on nothing meanwhile, keeps what devices report
+/// until the store is back, and the rollout then completes with one install per device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_waits_out_a_database_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = start_postgres(&dir.path().join("pg"));
+    let store_url = pg.create_database("fleet");
+    let opts = FleetOptions { store: Some(store_url), ..FleetOptions::default() };
+    let fleet = Fleet::start_with(&dir.path().join("fleet"), 4, opts).await.unwrap();
+    let anon = flotilla_demo::client_builder(fleet.server.ca_path().as_deref()).unwrap().build().unwrap();
+    let health = |anon: reqwest::Client, api: String| async move {
+        let r = anon.get(format!("{api}/api/v1/health")).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, body) = health(anon.clone(), fleet.api()).await;
+    assert_eq!((status, body["store"]["backend"].as_str()), (200, Some("postgres")), "{body}");
+
+    let samples = digits::samples();
+    fleet.push(fleet.bundle("digits", 1, digits::MODEL, digits::golden(&samples[..1])).unwrap()).await.unwrap();
+    let plan = serde_json::json!({"waves": ["1", "100%"], "bake_secs": 2, "gates": ["install_success>=1"]});
+    let id = fleet.start_rollout_with("digits@1", plan).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = fleet.rollout(&id).await.unwrap();
+        if r.offered + r.succeeded > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout did not start: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    pg.stop();
+    let down = Instant::now();
+    let mut saw_unhealthy = false;
+    while down.elapsed() < Duration::from_secs(30) {
+        let (status, body) = health(anon.clone(), fleet.api()).await;
+        if status == 503 {
+            assert_eq!(body["store"]["ok"], false, "{body}");
+            saw_unhealthy = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(saw_unhealthy, "the replica never said its store was away");
+    pg.start();
+
+    let r = fleet.wait_rollout(&id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!((r.state.as_str(), r.succeeded, r.failed), ("completed", 4, 0), "{r:?}");
+    assert_eq!(health(anon.clone(), fleet.api()).await.0, 200);
+    for (device, _) in &fleet.agents {
+        let events = fleet.events(device).await.unwrap();
+        let accepted = events.iter().filter(|e| e.kind == "install_accepted").count();
+        let succeeded = events.iter().filter(|e| e.kind == "install_succeeded").count();
+        assert_eq!((accepted, succeeded), (1, 1), "{device}: {events:?}");
+    }
+    fleet.shutdown().await;
+}

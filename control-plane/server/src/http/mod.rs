@@ -153,11 +153,26 @@ async fn json_errors(resp: Response) -> Response {
     get,
     path = "/api/v1/health",
     tag = "meta",
-    summary = "Liveness (no token needed)",
-    responses((status = 200, description = "ok", body = Object))
+    summary = "Health (no token needed): 503 while this replica cannot reach its store",
+    responses((status = 200, description = "ok", body = Object), (status = 503, description = "the store does not answer", body = Object))
 )]
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
+async fn health(axum::extract::State(f): axum::extract::State<Arc<Fleet>>) -> Response {
+    // A replica that cannot reach its store decides nothing: it says so, and a load balancer
+    // sends the API's callers to the others.
+    let store = tokio::time::timeout(std::time::Duration::from_secs(3), f.store.ping()).await;
+    let problem = match store {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(_) => Some("no answer within 3 s".to_string()),
+    };
+    let body = serde_json::json!({
+        "ok": problem.is_none(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "replica": f.settings.replica,
+        "store": { "backend": f.store.backend(), "ok": problem.is_none(), "error": problem },
+    });
+    let status = if problem.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }
 
 #[cfg(test)]

@@ -83,7 +83,20 @@ pub async fn lead_state(i: Ingest, cancel: CancellationToken) {
     }
 }
 
+/// States waiting to be applied, in the order they arrived (at most this many: beyond it, a
+/// store outage drops the oldest news, which the retained states bring back at the next
+/// subscription).
+const STATE_QUEUE: usize = 100_000;
+
+/// How long a device message waits for the store to come back before it is dropped.
+const STORE_PATIENCE: Duration = Duration::from_secs(180);
+
 pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken) {
+    // State messages are applied in the order the broker delivers them (a device's `baking`
+    // then `active` must not swap), by one task, so that waiting for the store (an outage)
+    // never stops the event loop.
+    let (states, queue) = tokio::sync::mpsc::channel::<rumqttc::Publish>(STATE_QUEUE);
+    tokio::spawn(apply_states(i.clone(), queue));
     let mut attempt = 0u32;
     let mut subacks = 0usize;
     let counters = &i.fleet.metrics;
@@ -120,11 +133,9 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 counters.mqtt_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // State messages are applied in the order the broker delivers them (a device's
-                // `baking` then `active` must not swap); they are one store write each.
                 if let Some((device, Channel::State)) = i.topics.parse(&p.topic) {
-                    if let Err(e) = on_state(&i.fleet, device, &p.payload).await {
-                        tracing::warn!(device, error = %format!("{e:#}"), "state not handled");
+                    if states.try_send(p.clone()).is_err() {
+                        tracing::warn!(device, "state queue full (the store is slow or away): state dropped");
                     }
                     continue;
                 }
@@ -145,6 +156,48 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
     }
 }
 
+/// Apply device states in arrival order, each waiting for the store while it is away.
+async fn apply_states(i: Ingest, mut queue: tokio::sync::mpsc::Receiver<rumqttc::Publish>) {
+    while let Some(p) = queue.recv().await {
+        let Some((device, _)) = i.topics.parse(&p.topic) else { continue };
+        let msg: Msg<State> = match flotilla_proto::decode(&p.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(device, error = %e, "undecodable state");
+                continue;
+            }
+        };
+        if let Err(e) = patiently(device, "state", || devices::state(&i.fleet, device, &msg.body)).await {
+            tracing::warn!(device, error = %format!("{e:#}"), "state not handled");
+        }
+    }
+}
+
+/// Run `op` until it succeeds or [`STORE_PATIENCE`] has passed: a device message that arrives
+/// while the store is away waits for it, rather than being lost (the broker has already handed
+/// it over).
+async fn patiently<F, Fut>(device: &str, what: &str, mut op: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() + wait < STORE_PATIENCE => {
+                if wait == Duration::from_millis(250) {
+                    tracing::warn!(device, what, error = %format!("{e:#}"), "device message waits for the store");
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
     let Some((device, ch)) = i.topics.parse(topic) else { return };
     let f = &i.fleet;
@@ -152,12 +205,11 @@ async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
         match ch {
             Channel::Hello => {
                 let msg: Msg<Hello> = flotilla_proto::decode(payload)?;
-                devices::hello(f, device, &msg.body).await
+                patiently(device, "hello", || devices::hello(f, device, &msg.body)).await
             }
-            Channel::State => on_state(f, device, payload).await,
             Channel::Events => {
                 let msg: Msg<Event> = flotilla_proto::decode(payload)?;
-                events::record(f, device, &msg).await
+                patiently(device, "event", || events::record(f, device, &msg)).await
             }
             Channel::Fetch => {
                 let msg: Msg<FetchRequest> = flotilla_proto::decode(payload)?;
@@ -168,7 +220,7 @@ async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
                 match msg.body {
                     Telemetry::Drift(r) => drift::ingest(f, device, &msg.id, r, now_s()).await,
                     Telemetry::Samples(b) => samples::ingest(f, device, b, now_s()).await,
-                    Telemetry::Health(h) => devices::health(f, device, &h).await,
+                    Telemetry::Health(h) => patiently(device, "health", || devices::health(f, device, &h)).await,
                 }
             }
             Channel::Csr => {
@@ -182,9 +234,4 @@ async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
     if let Err(e) = result {
         tracing::warn!(device, channel = ch.as_str(), error = %format!("{e:#}"), "message not handled");
     }
-}
-
-async fn on_state(f: &Fleet, device: &str, payload: &[u8]) -> anyhow::Result<()> {
-    let msg: Msg<State> = flotilla_proto::decode(payload)?;
-    devices::state(f, device, &msg.body).await
 }

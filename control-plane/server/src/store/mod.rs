@@ -32,6 +32,7 @@ pub use samples::SampleStore;
 pub use trust::TrustStore;
 
 /// Every area of the store, behind one object.
+#[async_trait::async_trait]
 pub trait Store:
     DeviceStore
     + DriftStore
@@ -48,6 +49,8 @@ pub trait Store:
     fn backend(&self) -> &'static str;
     /// How long store operations have taken so far.
     fn latency(&self) -> Latency;
+    /// Whether the store answers now (`/api/v1/health`).
+    async fn ping(&self) -> anyhow::Result<()>;
 }
 
 /// A latency histogram: (upper bound in seconds, operations in that bucket alone), the count of

@@ -170,9 +170,18 @@ impl Postgres {
     }
 }
 
+#[async_trait::async_trait]
 impl super::Store for Postgres {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        self.with(|c| async move {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await
     }
 
     fn latency(&self) -> Latency {

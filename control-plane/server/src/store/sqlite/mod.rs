@@ -268,9 +268,14 @@ impl Sqlite {
     }
 }
 
+#[async_trait::async_trait]
 impl super::Store for Sqlite {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
     }
 
     fn latency(&self) -> Latency {
