@@ -199,6 +199,19 @@ async fn the_console_in_a_real_browser() {
     web.goto(&format!("{console}#/devices")).await;
     web.wait_text("#main table", |t| t.contains("dev-3") && t.contains("group=field")).await;
     shots.push(web.screenshot("devices").await);
+    // A fleet bigger than a page: the list pages by id, Next and Previous walk it.
+    for i in 0..250 {
+        let (hello, tags) = (flotilla_server::store::HelloRecord::default(), Default::default());
+        fleet.server.shared().store.device_hello(&format!("zz-{i:03}"), &hello, &tags, 1).await.unwrap();
+    }
+    web.goto(&format!("{console}#/")).await;
+    web.goto(&format!("{console}#/devices")).await;
+    web.wait_text("#page-no", |t| t == "page 1").await;
+    web.click("#next-page").await;
+    web.wait_text("#page-no", |t| t == "page 2").await;
+    web.wait_text("#main table", |t| t.contains("zz-249") && !t.contains("dev-3")).await;
+    web.click("#prev-page").await;
+    web.wait_text("#main table", |t| t.contains("dev-3")).await;
     web.goto(&format!("{console}#/devices/dev-1")).await;
     web.wait_text("#main", |t| t.contains("History") && t.contains("digits")).await;
     shots.push(web.screenshot("device").await);

@@ -84,6 +84,20 @@ impl Client {
         serde_json::from_slice(&body).with_context(|| format!("{what}: unexpected response"))
     }
 
+    /// GET a page of a list: the items and the next page's cursor (`Flotilla-Next`), if any.
+    pub fn get_page<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<(Vec<T>, Option<String>)> {
+        let r = self.http.get(format!("{}{path}", self.base)).send();
+        let next = r
+            .as_ref()
+            .ok()
+            .and_then(|r| r.headers().get("flotilla-next"))
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let body = self.body(path, r)?;
+        let items = serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected response"))?;
+        Ok((items, next))
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.handle(path, self.http.get(format!("{}{path}", self.base)).send())
     }

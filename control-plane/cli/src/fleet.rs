@@ -92,6 +92,13 @@ pub enum DevicesCmd {
         /// Only devices whose tags match, e.g. -l group=lab, -l 'group in (lab,field),!test'.
         #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
         selector: Option<String>,
+        /// At most this many devices (by id); the cursor of the next page goes to stderr as the
+        /// --after to continue with. Without it, every device.
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Continue after this cursor (what the previous page printed).
+        #[arg(long, value_name = "CURSOR", requires = "limit")]
+        after: Option<String>,
     },
     /// Set or remove tags of a device on the server (they win over the tags the device
     /// reports): `flotilla devices tag rpi-7 group=lab site=berlin`, `... tag rpi-7 site-`.
@@ -457,12 +464,23 @@ pub fn devices(cmd: DevicesCmd, server: Option<&str>, out: Output) -> anyhow::Re
                 }
             }
         }
-        DevicesCmd::Ls { selector } => {
-            let path = match &selector {
-                Some(s) => format!("/api/v1/devices?selector={}", enc(s)),
-                None => "/api/v1/devices".to_string(),
-            };
-            let list: Vec<Device> = client.get(&path)?;
+        DevicesCmd::Ls { selector, limit, after } => {
+            let mut query = Vec::new();
+            if let Some(s) = &selector {
+                query.push(format!("selector={}", enc(s)));
+            }
+            if let Some(n) = limit {
+                query.push(format!("limit={n}"));
+            }
+            if let Some(a) = &after {
+                query.push(format!("after={}", enc(a)));
+            }
+            let path = format!("/api/v1/devices{}{}", if query.is_empty() { "" } else { "?" }, query.join("&"));
+            let (list, next): (Vec<Device>, _) = client.get_page(&path)?;
+            if let (Some(next), Some(n)) = (next, limit) {
+                let sel = selector.as_ref().map(|s| format!(" -l '{s}'")).unwrap_or_default();
+                eprintln!("more: flotilla devices ls{sel} --limit {n} --after {next}");
+            }
             match out {
                 Output::Json | Output::Yaml => output::json(&list),
                 Output::Table => {

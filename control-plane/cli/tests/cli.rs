@@ -417,6 +417,15 @@ async fn drift_tags_feedback_and_samples_through_the_cli() {
     assert_eq!(ids(&json(&["devices", "ls", "-l", "group=lab", "-o", "json"])), ["dev-0"]);
     assert_eq!(ids(&json(&["devices", "ls", "-l", "group in (lab,field),!site", "-o", "json"])), ["dev-0", "dev-1"]);
     assert!(ids(&json(&["devices", "ls", "-l", "site", "-o", "json"])).is_empty());
+    // Pages: --limit, and the next page's --after on stderr until the last.
+    let first = flotilla(&["devices", "ls", "--limit", "1", "-o", "json"], Some(&server));
+    let more = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(more.contains("--limit 1 --after dev-0"), "{more}");
+    assert_eq!(ids(&serde_json::from_slice(&first.stdout).unwrap()), ["dev-0"]);
+    let last = flotilla(&["devices", "ls", "--limit", "1", "--after", "dev-0", "-o", "json"], Some(&server));
+    assert_eq!(ids(&serde_json::from_slice(&last.stdout).unwrap()), ["dev-1"]);
+    let more = String::from_utf8_lossy(&last.stderr).to_string();
+    assert!(!more.contains("--after"), "the last page names no next one: {more}");
     let bad = flotilla(&["devices", "ls", "-l", "group in lab"], Some(&server));
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_selector"), "{bad:?}");

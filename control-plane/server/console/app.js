@@ -14,6 +14,11 @@ let me = null; // { role, id, name }
 let timer = null;
 
 async function api(path, opts = {}) {
+  return (await apiPage(path, opts)).body;
+}
+
+// A page of a list: its items and the next page's cursor (the Flotilla-Next header).
+async function apiPage(path, opts = {}) {
   const headers = Object.assign({ Authorization: "Bearer " + sessionStorage.getItem("flotilla-token") }, opts.headers || {});
   if (opts.json !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -27,7 +32,7 @@ async function api(path, opts = {}) {
   const text = await r.text();
   const body = text ? JSON.parse(text) : null;
   if (!r.ok) throw new Error(body && body.message ? body.message + (body.hint ? " (" + body.hint + ")" : "") : r.statusText);
-  return body;
+  return { body, next: r.headers.get("Flotilla-Next") };
 }
 
 const can = (role) => me && ROLES[me.role] >= ROLES[role];
@@ -156,17 +161,35 @@ function overview(root) {
   };
 }
 
+// Devices per page of the devices list (the API pages by id).
+const PAGE = 200;
+
 function devices(root) {
   section(root, `<h1>Devices</h1><form class="inline" id="filter"><label>Selector <input id="selector" placeholder="group=lab,arch=aarch64" size="32"></label><button type="submit" class="secondary">Filter</button></form><p></p>`);
   const list = section(root, "");
+  const pager = section(root, `<button id="prev-page" class="secondary" disabled>Previous</button> <span id="page-no"></span> <button id="next-page" class="secondary" disabled>Next</button>`);
   let sel = "";
+  // Cursors of the pages seen so far: pages[i] is the `after` of page i (page 0: none).
+  let pages = [null], at = 0, next = null;
+  const go = (i) => { at = i; refresh().catch((err) => status(err.message, true)); };
   $("#filter").addEventListener("submit", (e) => {
     e.preventDefault();
     sel = $("#selector").value.trim();
-    refresh().catch((err) => status(err.message, true));
+    pages = [null];
+    go(0);
   });
+  $("#prev-page", pager).addEventListener("click", () => go(Math.max(0, at - 1)));
+  $("#next-page", pager).addEventListener("click", () => { if (next) { pages[at + 1] = next; go(at + 1); } });
   const refresh = async () => {
-    const devs = await api("/api/v1/devices" + (sel ? "?selector=" + encodeURIComponent(sel) : ""));
+    const q = [`limit=${PAGE}`];
+    if (sel) q.push("selector=" + encodeURIComponent(sel));
+    if (pages[at]) q.push("after=" + encodeURIComponent(pages[at]));
+    const page = await apiPage("/api/v1/devices?" + q.join("&"));
+    const devs = page.body;
+    next = page.next;
+    $("#prev-page", pager).disabled = at === 0;
+    $("#next-page", pager).disabled = !next;
+    $("#page-no", pager).textContent = at || next ? `page ${at + 1}` : "";
     list.innerHTML = table(["device", "state", "arch", "runtimes", "tags", "models", "last seen"], devs.map((d) => [
       `<a href="#/devices/${encodeURIComponent(d.id)}">${esc(d.id)}</a>`,
       pill(d.online ? "online" : "offline"), esc(d.arch), esc(d.runtimes.join(", ")),

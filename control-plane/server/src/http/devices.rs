@@ -169,8 +169,11 @@ pub(super) struct EventQuery {
 )]
 pub(super) async fn list_events(State(f): State<Arc<Fleet>>, Query(q): Query<EventQuery>) -> Result<Response> {
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let rows = crate::service::events::list(&f, q.device.as_deref(), q.before, limit).await?;
-    let next = (rows.len() as u32 == limit).then(|| rows.last().map(|e| e.seq.to_string())).flatten();
+    // One more than the page holds, to know whether an older page follows.
+    let mut rows = crate::service::events::list(&f, q.device.as_deref(), q.before, limit + 1).await?;
+    let more = rows.len() as u32 > limit;
+    rows.truncate(limit as usize);
+    let next = more.then(|| rows.last().map(|e| e.seq.to_string())).flatten();
     let events: Vec<Event> = rows
         .into_iter()
         .map(|e| Event {

@@ -39,8 +39,9 @@ pub async fn list(f: &Fleet, sel: &Selector) -> Result<Vec<DeviceRow>> {
 }
 
 /// One page of the devices the selector picks, by id: up to `limit` after `after`, and the
-/// cursor of the next page (None on the last). The store is read a page at a time, so a
-/// selector that picks few of many devices costs reads but never the whole fleet in memory.
+/// cursor of the next page (None on the last: a cursor always leads to at least one more). The
+/// store is read a page at a time, so a selector that picks few of many devices costs reads but
+/// never the whole fleet in memory.
 pub async fn page(
     f: &Fleet,
     sel: &Selector,
@@ -48,18 +49,20 @@ pub async fn page(
     limit: u32,
 ) -> Result<(Vec<DeviceRow>, Option<String>)> {
     let limit = limit.clamp(1, MAX_PAGE);
-    let mut out = Vec::new();
+    let mut out: Vec<DeviceRow> = Vec::new();
     let mut cursor = after;
     loop {
-        let rows = f.store.devices_page(cursor.as_deref(), limit).await?;
-        let full = rows.len() as u32 == limit;
+        // One more than the page holds, to know whether another page follows.
+        let rows = f.store.devices_page(cursor.as_deref(), limit + 1).await?;
+        let full = rows.len() as u32 == limit + 1;
         for d in rows {
             cursor = Some(d.id.clone());
             if sel.matches(&facts(&d)) {
-                out.push(d);
                 if out.len() as u32 == limit {
-                    return Ok((out, cursor));
+                    let next = out.last().map(|d| d.id.clone());
+                    return Ok((out, next));
                 }
+                out.push(d);
             }
         }
         if !full {
