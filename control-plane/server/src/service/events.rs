@@ -11,9 +11,10 @@ use crate::util::now_s;
 pub async fn record(f: &Fleet, device: &str, msg: &Msg<Event>) -> anyhow::Result<()> {
     let body = serde_json::to_string(&detail(&msg.body))?;
     let at = (msg.ts / 1000) as i64;
-    if !f.store.add_event(device, &msg.id, at, kind(&msg.body), &body).await? {
-        return Ok(()); // a repeat of a message already handled
-    }
+    // A repeat (sent again, or retried after the store failed between the log and the offer)
+    // applies its effects again: they are idempotent, and the first try may not have reached
+    // them. Only the log lines are said once.
+    let new = f.store.add_event(device, &msg.id, at, kind(&msg.body), &body).await?;
     let (offer, state, reason) = match &msg.body {
         Event::InstallAccepted { offer_id, .. } | Event::InstallProgress { offer_id, .. } => {
             (offer_id, "downloading", None)
@@ -26,6 +27,7 @@ pub async fn record(f: &Fleet, device: &str, msg: &Msg<Event>) -> anyhow::Result
             f.store.set_device_root_version(device, *version).await?;
             return Ok(());
         }
+        _ if !new => return Ok(()),
         Event::TrustRootRefused { version, reason } => {
             tracing::warn!(device, version, reason, "device refused a trust root");
             return Ok(());

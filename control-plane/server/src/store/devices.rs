@@ -17,6 +17,38 @@ pub struct DeviceRow {
     pub tags: Tags,
 }
 
+impl DeviceRow {
+    /// A device row from its stored columns (JSON text, as both stores keep them): the
+    /// device's own tags with the server's on top (a server value of null removes a tag).
+    pub fn from_stored(
+        id: String,
+        online: bool,
+        last_seen: Option<i64>,
+        hello: Option<&str>,
+        models: &str,
+        own_tags: &str,
+        server_tags: &str,
+    ) -> DeviceRow {
+        let mut tags: Tags = serde_json::from_str(own_tags).unwrap_or_default();
+        let over: std::collections::BTreeMap<String, Option<String>> =
+            serde_json::from_str(server_tags).unwrap_or_default();
+        for (k, v) in over {
+            match v {
+                Some(v) => tags.insert(k, v),
+                None => tags.remove(&k),
+            };
+        }
+        DeviceRow {
+            id,
+            online,
+            last_seen,
+            hello: hello.and_then(|h| serde_json::from_str(h).ok()),
+            models: serde_json::from_str(models).unwrap_or_default(),
+            tags,
+        }
+    }
+}
+
 /// A device's hello, as stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HelloRecord {

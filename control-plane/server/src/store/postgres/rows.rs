@@ -19,28 +19,11 @@ pub(super) fn token_row(r: &Row) -> anyhow::Result<TokenRow> {
 
 pub(super) const DEVICE_COLUMNS: &str = "id, online, last_seen, hello, models, tags, server_tags";
 
-/// The device's own tags with the server's on top (a server value of null removes a tag).
 pub(super) fn device_row(r: &Row) -> anyhow::Result<DeviceRow> {
-    let own: String = r.try_get(5)?;
-    let server: String = r.try_get(6)?;
-    let mut tags: std::collections::BTreeMap<String, String> = serde_json::from_str(&own).unwrap_or_default();
-    let over: std::collections::BTreeMap<String, Option<String>> = serde_json::from_str(&server).unwrap_or_default();
-    for (k, v) in over {
-        match v {
-            Some(v) => tags.insert(k, v),
-            None => tags.remove(&k),
-        };
-    }
-    let hello: Option<String> = r.try_get(3)?;
-    let models: String = r.try_get(4)?;
-    Ok(DeviceRow {
-        id: r.try_get(0)?,
-        online: r.try_get::<_, i64>(1)? != 0,
-        last_seen: r.try_get(2)?,
-        hello: hello.and_then(|h| serde_json::from_str(&h).ok()),
-        models: serde_json::from_str(&models).unwrap_or_default(),
-        tags,
-    })
+    let (hello, models, own, server): (Option<String>, String, String, String) =
+        (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?);
+    let online = r.try_get::<_, i64>(1)? != 0;
+    Ok(DeviceRow::from_stored(r.try_get(0)?, online, r.try_get(2)?, hello.as_deref(), &models, &own, &server))
 }
 
 pub(super) const ALERT_COLUMNS: &str = "id, model, version, cohort, signal, metrics, value, threshold, windows, \

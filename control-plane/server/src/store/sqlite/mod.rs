@@ -303,28 +303,10 @@ fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> anyho
     Ok(())
 }
 
-/// The device's own tags with the server's on top (a server value of "" removes a tag).
 pub(super) fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
-    let own: String = r.get(5)?;
-    let server: String = r.get(6)?;
-    let mut tags: std::collections::BTreeMap<String, String> = serde_json::from_str(&own).unwrap_or_default();
-    let over: std::collections::BTreeMap<String, Option<String>> = serde_json::from_str(&server).unwrap_or_default();
-    for (k, v) in over {
-        match v {
-            Some(v) => tags.insert(k, v),
-            None => tags.remove(&k),
-        };
-    }
-    let hello: Option<String> = r.get(3)?;
-    let models: String = r.get(4)?;
-    Ok(DeviceRow {
-        id: r.get(0)?,
-        online: r.get(1)?,
-        last_seen: r.get(2)?,
-        hello: hello.and_then(|h| serde_json::from_str(&h).ok()),
-        models: serde_json::from_str(&models).unwrap_or_default(),
-        tags,
-    })
+    let (hello, models, own, server): (Option<String>, String, String, String) =
+        (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+    Ok(DeviceRow::from_stored(r.get(0)?, r.get(1)?, r.get(2)?, hello.as_deref(), &models, &own, &server))
 }
 
 pub(super) fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertRow> {
