@@ -151,6 +151,13 @@ pub struct Mosquitto {
     pub port: u16,
 }
 
+impl Mosquitto {
+    /// The broker's process id (to measure its CPU and memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();

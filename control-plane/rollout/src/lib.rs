@@ -13,7 +13,7 @@
 
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use flotilla_proto::tags::{Selector, Tags};
 use serde::{Deserialize, Serialize};
@@ -411,20 +411,23 @@ pub fn step(
             st.assigned.insert(d.id.clone(), k);
         }
     }
+    // By id: a fleet is tens of thousands of devices, and every lookup below is per member.
+    let by_id: HashMap<&str, &DeviceView> = devices.iter().map(|d| (d.id.as_str(), d)).collect();
     // Waves may pass in one step (a promote, or empty waves): loop until one waits.
     loop {
         let k = st.current_wave;
         let member_ids: Vec<String> = st.assigned.iter().filter(|(_, w)| **w <= k).map(|(d, _)| d.clone()).collect();
         for id in &member_ids {
-            if !st.offered.contains_key(id) && devices.iter().any(|d| &d.id == id && d.online) {
+            if !st.offered.contains_key(id) && by_id.get(id.as_str()).is_some_and(|d| d.online) {
                 st.offered.insert(id.clone(), now);
                 actions.push(Action::Offer { device: id.clone() });
             }
         }
-        let members: Vec<&DeviceView> = devices.iter().filter(|d| member_ids.contains(&d.id)).collect();
+        let is_member: HashSet<&str> = member_ids.iter().map(String::as_str).collect();
+        let members: Vec<&DeviceView> = devices.iter().filter(|d| is_member.contains(d.id.as_str())).collect();
         let started = st.waves[k].started.unwrap_or(now);
         let settled = member_ids.iter().all(|id| {
-            let outcome = members.iter().find(|d| &d.id == id).map(|d| &d.outcome);
+            let outcome = by_id.get(id.as_str()).map(|d| &d.outcome);
             matches!(outcome, Some(Outcome::Succeeded | Outcome::Failed { .. }))
                 || match st.offered.get(id) {
                     Some(&at) => now.saturating_sub(at) >= plan.offer_timeout_secs,

@@ -237,6 +237,7 @@ impl Server {
             bus: Arc::new(bus),
             files,
             trust: RwLock::new(trust),
+            trust_checked: Default::default(),
             wake: Notify::new(),
             settings: Settings {
                 public_url,
@@ -267,6 +268,8 @@ impl Server {
             tasks.push(tokio::spawn(mqtt::ingest::lead_state(ingest.clone(), cancel.clone())));
         }
         tasks.push(tokio::spawn(mqtt::ingest::run(ingest, eventloop, cancel.clone())));
+        // Every replica judges the drift alerts of the reports it takes in.
+        tasks.push(tokio::spawn(service::drift::judge_loop(shared.clone(), cancel.clone())));
         // Wait (briefly) for the subscriptions, so no device message is missed from the start.
         if tokio::time::timeout(std::time::Duration::from_secs(10), connected).await.is_err() {
             tracing::warn!(broker = %mqtt_addr, "not subscribed to the broker yet; continuing and retrying in the background");

@@ -239,7 +239,12 @@ pub fn mosquitto_files(
         "# Written by flotilla-server mosquitto: mutual TLS with the fleet's certificates.\n\
          per_listener_settings false\nallow_anonymous false\nacl_file {acl}\n\
          listener {port} {host}\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
-         require_certificate true\nuse_identity_as_username true\n",
+         require_certificate true\nuse_identity_as_username true\n\n\
+         # The control plane's sessions take the whole fleet's traffic (and, subscribing to\n\
+         # device state, every device's retained state at once): Mosquitto's defaults (20 in\n\
+         # flight, 1000 queued per client) drop most of a burst from a few thousand devices.\n\
+         # Devices only receive the control plane's few commands.\n\
+         max_inflight_messages 1000\nmax_queued_messages 200000\n",
         acl = out.join("flotilla.acl").display(),
         ca = out.join("ca.pem").display(),
         cert = out.join("broker.pem").display(),

@@ -144,6 +144,8 @@ pub(crate) async fn run(sh: Arc<Shared>, n: usize, cancel: CancellationToken) {
         chunk_route: None,
         inbox,
     };
+    let mut burst = sh.burst.subscribe();
+    burst.mark_unchanged();
     let mut attempt = 0u32;
     if permit.is_some() {
         add(&sh.stats.connect_attempts, 1);
@@ -162,6 +164,12 @@ pub(crate) async fn run(sh: Arc<Shared>, n: usize, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             Some(done) = inbox_rx.recv() => d.on_downloaded(done),
             _ = sleep_until(deadline), if d.connected => d.on_timers(),
+            Ok(()) = burst.changed(), if d.connected => {
+                let k = *burst.borrow_and_update();
+                for _ in 0..k {
+                    d.send_health();
+                }
+            }
             ev = eventloop.poll() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     permit = None;
@@ -311,6 +319,27 @@ impl Device {
         [self.next_health, self.next_drift, self.finishing.iter().map(|f| f.0).min()].into_iter().flatten().min()
     }
 
+    /// One health report per model, as the agent's periodic report.
+    fn send_health(&mut self) {
+        let sh = self.sh.clone();
+        for i in 0..self.models.len() {
+            let m = &self.models[i];
+            let inferences = (m.since.elapsed().as_secs_f64() * sh.cfg.inference_rate) as u64;
+            let report = HealthReport {
+                model: m.name.clone(),
+                version: m.version,
+                inferences,
+                errors: 0,
+                latency_p95_us: (inferences > 0).then(|| 1500 + self.rng.next_u64() % 1000),
+                backend: sh.cfg.backend.clone(),
+                accelerator_fallback: false,
+            };
+            if self.publish(Channel::Metrics, Telemetry::Health(report), false) {
+                add(&sh.stats.sent_health, 1);
+            }
+        }
+    }
+
     fn on_timers(&mut self) {
         let now = Instant::now();
         let sh = self.sh.clone();
@@ -318,22 +347,7 @@ impl Device {
             && t <= now
         {
             self.next_health = Some(if now - t > every { now + every } else { t + every });
-            for i in 0..self.models.len() {
-                let m = &self.models[i];
-                let inferences = (m.since.elapsed().as_secs_f64() * sh.cfg.inference_rate) as u64;
-                let report = HealthReport {
-                    model: m.name.clone(),
-                    version: m.version,
-                    inferences,
-                    errors: 0,
-                    latency_p95_us: (inferences > 0).then(|| 1500 + self.rng.next_u64() % 1000),
-                    backend: sh.cfg.backend.clone(),
-                    accelerator_fallback: false,
-                };
-                if self.publish(Channel::Metrics, Telemetry::Health(report), false) {
-                    add(&sh.stats.sent_health, 1);
-                }
-            }
+            self.send_health();
         }
         if let (Some(t), Some(every)) = (self.next_drift, sh.cfg.drift_every)
             && t <= now

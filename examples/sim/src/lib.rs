@@ -334,6 +334,8 @@ pub(crate) struct Shared {
     first_install_ms: AtomicU64,
     last_install_ms: AtomicU64,
     peak_rss: AtomicU64,
+    /// Bursts of health reports ([`Sim::burst`]): how many each connected device sends.
+    pub burst: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -462,11 +464,18 @@ impl Sim {
             first_install_ms: AtomicU64::new(0),
             last_install_ms: AtomicU64::new(0),
             peak_rss: AtomicU64::new(0),
+            burst: tokio::sync::watch::Sender::new(0),
             cfg,
         });
         let cancel = CancellationToken::new();
         let launcher = tokio::spawn(launch(shared.clone(), cancel.clone()));
         Ok(Sim { shared, cancel, launcher })
+    }
+
+    /// Every connected device sends `per_device` health reports at once (up to 32 each: the
+    /// client's request queue holds 64), to measure how fast the control plane takes them in.
+    pub fn burst(&self, per_device: u64) {
+        self.shared.burst.send_replace(per_device.min(32));
     }
 
     pub fn stats(&self) -> &Stats {

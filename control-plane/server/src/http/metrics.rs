@@ -54,6 +54,24 @@ fn text(s: &Snapshot) -> String {
         vec![("{direction=\"in\"}".into(), s.mqtt_in as f64), ("{direction=\"out\"}".into(), s.mqtt_out as f64)],
     );
     gauge(
+        "flotilla_device_messages_total",
+        "Device messages handled to the end, and given up (undecodable, queue full, store away too long).",
+        "counter",
+        vec![("{outcome=\"handled\"}".into(), s.ingested as f64), ("{outcome=\"dropped\"}".into(), s.dropped as f64)],
+    );
+    gauge(
+        "flotilla_device_messages_handled_total",
+        "Device messages handled to the end, per channel.",
+        "counter",
+        s.handled.iter().map(|(ch, n)| (format!("{{channel=\"{ch}\"}}"), *n as f64)).collect(),
+    );
+    gauge(
+        "flotilla_device_messages_pending",
+        "Device messages received and not yet handled (the ingest backlog).",
+        "gauge",
+        vec![(String::new(), s.mqtt_in.saturating_sub(s.ingested + s.dropped) as f64)],
+    );
+    gauge(
         "flotilla_bundle_bytes_served_total",
         "Bundle bytes served to devices, per transport.",
         "counter",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flotilla_proto::{Channel, Event, FetchRequest, Hello, Msg, State, Telemetry, Topics};
+use flotilla_proto::{Channel, Event, FetchRequest, HealthReport, Hello, Msg, State, Telemetry, Topics};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, QoS};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -83,20 +83,53 @@ pub async fn lead_state(i: Ingest, cancel: CancellationToken) {
     }
 }
 
-/// States waiting to be applied, in the order they arrived (at most this many: beyond it, a
-/// store outage drops the oldest news, which the retained states bring back at the next
-/// subscription).
+/// The queues between the MQTT loop and the store. Each is bounded: beyond it a message is
+/// dropped (and counted), never queued without limit; the loop itself never waits, so the
+/// broker connection (keep-alives, commands out) stays live whatever the store does.
+///
+/// States: applied in the order they arrived by one task (a device's `baking` then `active`
+/// must not swap); a store outage that fills it drops the oldest news, which the retained
+/// states bring back at the next subscription.
 const STATE_QUEUE: usize = 100_000;
+/// Health reports: stored in batches by one task (the latest per device and model version).
+const HEALTH_QUEUE: usize = 100_000;
+/// Everything else (hellos, events, fetches, drift, samples, certificate requests), handled by
+/// a pool of [`WORKERS`] tasks.
+const WORK_QUEUE: usize = 50_000;
+const WORKERS: usize = 64;
+/// Most messages one store transaction takes.
+const BATCH: usize = 5_000;
 
 /// How long a device message waits for the store to come back before it is dropped.
 const STORE_PATIENCE: Duration = Duration::from_secs(180);
 
+/// A device message on its way to the store.
+struct Inbound {
+    device: String,
+    /// When it arrived (seconds).
+    at: i64,
+    publish: rumqttc::Publish,
+}
+
 pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken) {
-    // State messages are applied in the order the broker delivers them (a device's `baking`
-    // then `active` must not swap), by one task, so that waiting for the store (an outage)
-    // never stops the event loop.
-    let (states, queue) = tokio::sync::mpsc::channel::<rumqttc::Publish>(STATE_QUEUE);
-    tokio::spawn(apply_states(i.clone(), queue));
+    let (states, state_queue) = tokio::sync::mpsc::channel::<Inbound>(STATE_QUEUE);
+    let (health, health_queue) = tokio::sync::mpsc::channel::<(String, i64, HealthReport)>(HEALTH_QUEUE);
+    let (work, work_queue) = tokio::sync::mpsc::channel::<Inbound>(WORK_QUEUE);
+    tokio::spawn(apply_states(i.clone(), state_queue));
+    tokio::spawn(apply_health(i.clone(), health_queue));
+    let work_queue = Arc::new(tokio::sync::Mutex::new(work_queue));
+    for _ in 0..WORKERS {
+        let (i, queue) = (i.clone(), work_queue.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = queue.lock().await.recv().await;
+                let Some(m) = next else { break };
+                let ok = handle(&i, &m.device, &m.publish.topic, &m.publish.payload).await;
+                let ch = i.topics.parse(&m.publish.topic).map_or(Channel::Hello, |(_, ch)| ch);
+                count(&i, ch, ok, 1);
+            }
+        });
+    }
     let mut attempt = 0u32;
     let mut subacks = 0usize;
     let counters = &i.fleet.metrics;
@@ -129,18 +162,34 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
                 }
             }
             Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Publish(_))) => {
-                counters.mqtt_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counters.mqtt_out.fetch_add(1, Ordering::Relaxed);
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                counters.mqtt_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some((device, Channel::State)) = i.topics.parse(&p.topic) {
-                    if states.try_send(p.clone()).is_err() {
-                        tracing::warn!(device, "state queue full (the store is slow or away): state dropped");
-                    }
+                counters.mqtt_in.fetch_add(1, Ordering::Relaxed);
+                let Some((device, ch)) = i.topics.parse(&p.topic) else {
+                    i.fleet.metrics.device_messages("", false, 1);
                     continue;
+                };
+                let (device, at) = (device.to_string(), now_s());
+                let queued = match ch {
+                    Channel::State => states.try_send(Inbound { device, at, publish: p }).is_ok(),
+                    Channel::Metrics => match flotilla_proto::decode::<Telemetry>(&p.payload) {
+                        Ok(Msg { body: Telemetry::Health(h), .. }) => health.try_send((device, at, h)).is_ok(),
+                        Ok(_) => work.try_send(Inbound { device, at, publish: p }).is_ok(),
+                        Err(e) => {
+                            tracing::warn!(device, error = %e, "undecodable telemetry");
+                            false
+                        }
+                    },
+                    _ => work.try_send(Inbound { device, at, publish: p }).is_ok(),
+                };
+                if !queued {
+                    count(&i, ch, false, 1);
+                    tracing::warn!(
+                        channel = ch.as_str(),
+                        "device message dropped (its queue is full: the store is slow or away)"
+                    );
                 }
-                let i = i.clone();
-                tokio::spawn(async move { handle(&i, &p.topic, &p.payload).await });
             }
             Ok(_) => {}
             Err(e) => {
@@ -156,19 +205,60 @@ pub async fn run(i: Ingest, mut eventloop: EventLoop, cancel: CancellationToken)
     }
 }
 
-/// Apply device states in arrival order, each waiting for the store while it is away.
-async fn apply_states(i: Ingest, mut queue: tokio::sync::mpsc::Receiver<rumqttc::Publish>) {
-    while let Some(p) = queue.recv().await {
-        let Some((device, _)) = i.topics.parse(&p.topic) else { continue };
-        let msg: Msg<State> = match flotilla_proto::decode(&p.payload) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(device, error = %e, "undecodable state");
-                continue;
+fn count(i: &Ingest, ch: Channel, ok: bool, n: u64) {
+    i.fleet.metrics.device_messages(ch.as_str(), ok, n);
+}
+
+/// Up to [`BATCH`] messages: the first one waited for, the rest what is already queued (so a
+/// quiet fleet's message is stored at once, and a busy one's in few transactions).
+async fn next_batch<T>(queue: &mut tokio::sync::mpsc::Receiver<T>) -> Option<Vec<T>> {
+    let first = queue.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match queue.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Apply device states in arrival order, a batch per transaction, waiting for the store while
+/// it is away.
+async fn apply_states(i: Ingest, mut queue: tokio::sync::mpsc::Receiver<Inbound>) {
+    while let Some(batch) = next_batch(&mut queue).await {
+        let mut updates = Vec::with_capacity(batch.len());
+        for m in &batch {
+            match flotilla_proto::decode::<State>(&m.publish.payload) {
+                Ok(msg) => updates.push(devices::state_update(&m.device, &msg.body, m.at)),
+                Err(e) => {
+                    tracing::warn!(device = %m.device, error = %e, "undecodable state");
+                    count(&i, Channel::State, false, 1);
+                }
             }
-        };
-        if let Err(e) = patiently(device, "state", || devices::state(&i.fleet, device, &msg.body)).await {
-            tracing::warn!(device, error = %format!("{e:#}"), "state not handled");
+        }
+        let stored = updates.len() as u64;
+        match patiently("-", "state", || devices::states(&i.fleet, &updates)).await {
+            Ok(()) => count(&i, Channel::State, true, stored),
+            Err(e) => {
+                tracing::warn!(states = stored, error = %format!("{e:#}"), "states not stored");
+                count(&i, Channel::State, false, stored);
+            }
+        }
+    }
+}
+
+/// Store health reports a batch per transaction.
+async fn apply_health(i: Ingest, mut queue: tokio::sync::mpsc::Receiver<(String, i64, HealthReport)>) {
+    while let Some(batch) = next_batch(&mut queue).await {
+        let n = batch.len() as u64;
+        let updates: Vec<_> = batch.iter().map(|(d, at, h)| devices::health_update(d, h, *at)).collect();
+        match patiently("-", "health", || devices::health_many(&i.fleet, &updates)).await {
+            Ok(()) => count(&i, Channel::Metrics, true, n),
+            Err(e) => {
+                tracing::warn!(reports = n, error = %format!("{e:#}"), "health reports not stored");
+                count(&i, Channel::Metrics, false, n);
+            }
         }
     }
 }
@@ -198,8 +288,9 @@ where
     }
 }
 
-async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
-    let Some((device, ch)) = i.topics.parse(topic) else { return };
+/// Handle one device message; false if it was given up.
+async fn handle(i: &Ingest, device: &str, topic: &str, payload: &[u8]) -> bool {
+    let Some((_, ch)) = i.topics.parse(topic) else { return false };
     let f = &i.fleet;
     let result = async {
         match ch {
@@ -231,7 +322,11 @@ async fn handle(i: &Ingest, topic: &str, payload: &[u8]) {
         }
     }
     .await;
-    if let Err(e) = result {
-        tracing::warn!(device, channel = ch.as_str(), error = %format!("{e:#}"), "message not handled");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(device, channel = ch.as_str(), error = %format!("{e:#}"), "message not handled");
+            false
+        }
     }
 }

@@ -7,7 +7,7 @@ use flotilla_proto::tags::{Selector, Tags, valid_tag_part};
 use flotilla_proto::{HealthReport, Hello, State};
 
 use super::{Error, Fleet, Result};
-use crate::store::{DeviceRow, HelloRecord, ModelRecord};
+use crate::store::{DeviceRow, HealthUpdate, HelloRecord, ModelRecord, StateUpdate, fold_health, fold_states};
 use crate::util::now_s;
 
 /// A tag selector (`group=lab,arch!=armv7`), or an `Invalid` error that says how to write one.
@@ -175,6 +175,16 @@ pub async fn hello(f: &Fleet, device: &str, h: &Hello) -> anyhow::Result<()> {
 
 /// A device's retained state (or its last will, which leaves the models as they were).
 pub async fn state(f: &Fleet, device: &str, st: &State) -> anyhow::Result<()> {
+    states(f, &[state_update(device, st, now_s())]).await
+}
+
+/// State messages in the order they arrived, recorded in one transaction.
+pub async fn states(f: &Fleet, updates: &[StateUpdate]) -> anyhow::Result<()> {
+    f.store.device_states(&fold_states(updates.to_vec())).await
+}
+
+/// What the store records of a state message.
+pub fn state_update(device: &str, st: &State, at: i64) -> StateUpdate {
     let models: Option<Vec<ModelRecord>> = st.models.as_ref().map(|ms| {
         ms.iter()
             .map(|m| ModelRecord {
@@ -190,24 +200,32 @@ pub async fn state(f: &Fleet, device: &str, st: &State) -> anyhow::Result<()> {
             })
             .collect()
     });
-    f.store.device_state(device, st.online, models.as_deref(), now_s()).await
+    StateUpdate { device: device.into(), online: st.online, models, at }
 }
 
 /// A device's health report on one model version (the rollout gates read them).
 pub async fn health(f: &Fleet, device: &str, h: &HealthReport) -> anyhow::Result<()> {
-    f.store
-        .set_health(
-            device,
-            &h.model,
-            h.version,
-            h.inferences,
-            h.errors,
-            h.latency_p95_us,
-            h.accelerator_fallback,
-            &h.backend,
-            now_s(),
-        )
-        .await?;
+    health_many(f, &[health_update(device, h, now_s())]).await
+}
+
+/// Health reports recorded in one transaction (the latest per device and model version), then
+/// the workers woken: they judge from what is stored.
+pub async fn health_many(f: &Fleet, updates: &[HealthUpdate]) -> anyhow::Result<()> {
+    f.store.set_health_many(&fold_health(updates.to_vec())).await?;
     f.wake.notify_one();
     Ok(())
+}
+
+pub fn health_update(device: &str, h: &HealthReport, at: i64) -> HealthUpdate {
+    HealthUpdate {
+        device: device.into(),
+        model: h.model.clone(),
+        version: h.version,
+        inferences: h.inferences,
+        errors: h.errors,
+        latency_p95_us: h.latency_p95_us,
+        accelerator_fallback: h.accelerator_fallback,
+        backend: h.backend.clone(),
+        at,
+    }
 }

@@ -39,8 +39,12 @@ type ModelVersion = (String, u64);
 #[derive(Default)]
 pub struct Profiles {
     cache: Mutex<HashMap<ModelVersion, Option<Arc<Profile>>>>,
-    /// One report judged at a time, so two reports cannot raise the same alert twice.
+    /// One report placed in its count window at a time (the window a report joins depends on
+    /// the ones before).
     judging: tokio::sync::Mutex<()>,
+    /// Cohorts with reports not judged yet, and the judge's wake-up ([`judge_loop`]).
+    dirty: Mutex<BTreeSet<(String, u64, String)>>,
+    judge: tokio::sync::Notify,
 }
 
 impl Profiles {
@@ -154,7 +158,56 @@ pub async fn ingest(s: &Fleet, device: &str, msg_id: &str, r: DriftReport, now: 
     if !s.store.add_drift_report(device, msg_id, &r.model, &row, now).await? {
         return Ok(()); // seen before
     }
-    judge_alerts(s, &r.model, r.version, &profile, &cohort, now).await
+    s.profiles.dirty.lock().expect("dirty lock").insert((r.model, r.version, cohort));
+    s.profiles.judge.notify_one();
+    Ok(())
+}
+
+/// Judge the alerts of every cohort with new reports, again and again: each pass merges a model
+/// version's recent windows once for all its cohorts that changed, however many reports came in
+/// (judging on each report would merge the cohort's windows once per report: quadratic in the
+/// fleet's size). Passes are at least a second apart, and at least four times as long as the
+/// last one took, so judging never takes more than a fifth of the time.
+pub async fn judge_loop(s: Arc<Fleet>, cancel: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = s.profiles.judge.notified() => {}
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = judge_pass(&s).await {
+            tracing::warn!(error = %format!("{e:#}"), "judging drift alerts failed; will retry");
+            s.profiles.judge.notify_one();
+        }
+        let rest = (started.elapsed() * 4).max(std::time::Duration::from_secs(1));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(rest) => {}
+        }
+    }
+}
+
+/// One judging pass over the cohorts marked since the last (see [`judge_loop`]); returns the
+/// cohorts judged. A failed pass puts its cohorts back.
+pub async fn judge_pass(s: &Fleet) -> anyhow::Result<usize> {
+    let dirty = std::mem::take(&mut *s.profiles.dirty.lock().expect("dirty lock"));
+    let mut by_version: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    for (model, version, cohort) in dirty.iter().cloned() {
+        by_version.entry((model, version)).or_default().push(cohort);
+    }
+    let judged = async {
+        for ((model, version), cohorts) in &by_version {
+            let Some(profile) = s.profiles.get(s, model, *version).await? else { continue };
+            judge_alerts(s, model, *version, &profile, cohorts, crate::util::now_s()).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = judged {
+        s.profiles.dirty.lock().expect("dirty lock").extend(dirty);
+        return Err(e);
+    }
+    Ok(dirty.len())
 }
 
 async fn device_tags(s: &Fleet) -> anyhow::Result<HashMap<String, Tags>> {
@@ -390,16 +443,41 @@ async fn judge_alerts(
     model: &str,
     version: u64,
     profile: &Profile,
-    cohort: &str,
+    cohorts: &[String],
     now: i64,
 ) -> anyhow::Result<()> {
     let k = profile.config.consecutive.max(1);
-    // Enough of this cohort's windows back to see a run of k (and the window before it).
-    let since = s.store.drift_cohort_bucket_back(model, version, cohort, k.saturating_mul(4)).await?.unwrap_or(0);
-    let selector = Selector::parse(cohort).map_err(anyhow::Error::msg)?;
+    // Enough of each cohort's windows back to see a run of k (and the window before it).
+    let mut since = i64::MAX;
+    for cohort in cohorts {
+        let back = s.store.drift_cohort_bucket_back(model, version, cohort, k.saturating_mul(4)).await?;
+        since = since.min(back.unwrap_or(0));
+    }
     let by = Some(s.settings.drift_cohort_key.clone());
-    let rows =
-        rows(s, &Query { model: model.into(), version: Some(version), selector, by, since, histograms: false }).await?;
+    let q = Query {
+        model: model.into(),
+        version: Some(version),
+        selector: Selector::default(),
+        by,
+        since,
+        histograms: false,
+    };
+    let rows = rows(s, &q).await?;
+    for cohort in cohorts {
+        judge_cohort(s, model, version, profile, cohort, &rows, now).await?;
+    }
+    Ok(())
+}
+
+async fn judge_cohort(
+    s: &Fleet,
+    model: &str,
+    version: u64,
+    profile: &Profile,
+    cohort: &str,
+    rows: &[Row],
+    now: i64,
+) -> anyhow::Result<()> {
     for sp in &profile.signals {
         let name = &sp.signal.name;
         let mine: Vec<&Row> = rows.iter().filter(|r| &r.signal == name && r.cohort == cohort).collect();
@@ -444,7 +522,10 @@ async fn judge_alerts(
                 }
             }
             (Some(a), _, false) if latest_end > a.last_window => {
-                s.store.extend_alert(a.id, a.windows + 1, latest_end, value).await?;
+                // Every window over the threshold since the alert's last (a pass may judge
+                // several new windows at once).
+                let newer = mine.iter().filter(|r| r.bucket > a.last_window && !r.exceeded.is_empty()).count();
+                s.store.extend_alert(a.id, a.windows + newer.max(1) as u32, latest_end, value).await?;
             }
             (Some(a), _, true) if latest_end > a.last_window => {
                 s.store.resolve_alert(a.id, now).await?;

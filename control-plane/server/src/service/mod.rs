@@ -46,6 +46,9 @@ pub struct Settings {
     pub replica: String,
 }
 
+/// How often [`Fleet::trust`] looks for a root newer than the one it holds.
+const TRUST_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long a lease on shared work (a rollout, a retraining job, the ordered state stream)
 /// lasts unless renewed; holders renew it every step, well within this.
 pub const LEASE_MS: i64 = 15_000;
@@ -65,6 +68,8 @@ pub struct Fleet {
     pub bus: Arc<dyn DeviceBus>,
     pub files: bundles::BundleFiles,
     pub trust: RwLock<Option<TrustedRoot>>,
+    /// When [`Fleet::trust`] last asked the store for a newer root.
+    pub trust_checked: std::sync::Mutex<Option<std::time::Instant>>,
     /// Wakes the workers early (an event arrived, a rollout or a job started).
     pub wake: Notify,
     pub settings: Settings,
@@ -77,9 +82,18 @@ pub struct Fleet {
 
 impl Fleet {
     /// The current trust root (None until one is configured or pushed): the newest the store
-    /// holds, so a root another replica accepted counts here at once. The verified chain is
+    /// holds, so a root another replica accepted counts here too (within [`TRUST_RECHECK`]). The verified chain is
     /// cached and rebuilt only when the store has a newer root.
     pub async fn trust(&self) -> anyhow::Result<Option<TrustedRoot>> {
+        {
+            // A root another replica accepted counts here within a second: every hello asks,
+            // and a fleet's reconnecting devices must not each cost a read of every root.
+            let mut checked = self.trust_checked.lock().expect("trust lock");
+            if checked.is_some_and(|t| t.elapsed() < TRUST_RECHECK) {
+                return Ok(self.trust.read().expect("trust lock").clone());
+            }
+            *checked = Some(std::time::Instant::now());
+        }
         let newest = self.store.roots().await?.last().map(|(v, _)| *v);
         let cached = self.trust.read().expect("trust lock").clone();
         if newest == cached.as_ref().map(|t| t.root().version) {

@@ -145,8 +145,9 @@ async fn status_of(f: &Fleet, r: RolloutRow, all: &[DeviceRow]) -> Result<Status
     let bundle = f.store.bundle(&r.bundle_id).await?;
     let devices = f.store.rollout_devices(&r.id).await?;
     let (plan, engine) = engine_of(&r, &devices)?;
-    let views: Vec<DeviceView> =
-        all.iter().map(|d| device_view(d, devices.iter().find(|x| x.device_id == d.id))).collect();
+    let by_device: std::collections::HashMap<&str, &RolloutDeviceRow> =
+        devices.iter().map(|x| (x.device_id.as_str(), x)).collect();
+    let views: Vec<DeviceView> = all.iter().map(|d| device_view(d, by_device.get(d.id.as_str()).copied())).collect();
     let waves = flotilla_rollout::wave_stats(&engine, &views);
     Ok(Status { row: r, bundle, plan, engine, waves, devices })
 }

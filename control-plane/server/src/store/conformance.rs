@@ -26,6 +26,73 @@ where
     one_firing_alert_per_signal(&*fresh().await).await;
     claim_tokens_work_once_and_not_after_expiry(&*fresh().await).await;
     revocation_covers_every_certificate_and_survives_reopening(&*fresh().await).await;
+    batches_leave_what_one_by_one_would(&*fresh().await).await;
+}
+
+/// States and health reports stored in one batch leave what storing them one by one would: a
+/// will keeps a device's models, a later state replaces them, the latest report per device and
+/// version wins; devices the batch does not name are untouched.
+pub async fn batches_leave_what_one_by_one_would(open: Open<'_>) {
+    use crate::store::{HealthUpdate, ModelRecord, StateUpdate, fold_health, fold_states};
+    let s = open().await;
+    let model = |v: u64| ModelRecord {
+        name: "m".into(),
+        version: v,
+        backend: "tract".into(),
+        status: "active".into(),
+        model_sha256: None,
+        delegated_nodes: None,
+        cpu_nodes: None,
+        self_test: None,
+        self_test_median_us: None,
+    };
+    let state = |d: &str, online: bool, models: Option<Vec<ModelRecord>>, at: i64| StateUpdate {
+        device: d.into(),
+        online,
+        models,
+        at,
+    };
+    s.device_states(&[state("old", true, Some(vec![model(1)]), 1), state("gone", true, Some(vec![model(1)]), 1)])
+        .await
+        .unwrap();
+    let batch = vec![
+        state("a", true, Some(vec![model(1)]), 2),
+        state("gone", false, None, 3),             // a will: keeps its models
+        state("a", true, Some(vec![model(2)]), 4), // replaces a's models
+        state("b", false, None, 5),                // a will of a device never seen: no models
+        state("a", false, None, 6),                // then a's will: offline, models kept
+    ];
+    s.device_states(&fold_states(batch)).await.unwrap();
+    let get = |id: &'static str| {
+        let s = &s;
+        async move { s.device(id).await.unwrap().unwrap() }
+    };
+    let a = get("a").await;
+    assert_eq!((a.online, a.last_seen, a.models.clone()), (false, Some(6), vec![model(2)]));
+    let gone = get("gone").await;
+    assert_eq!((gone.online, gone.models.clone()), (false, vec![model(1)]));
+    let b = get("b").await;
+    assert_eq!((b.online, b.models.len()), (false, 0));
+    let old = get("old").await;
+    assert_eq!((old.online, old.last_seen), (true, Some(1)), "untouched");
+    assert_eq!(s.device_counts().await.unwrap(), (4, 1));
+
+    let h = |d: &str, version: u64, inferences: u64| HealthUpdate {
+        device: d.into(),
+        model: "m".into(),
+        version,
+        inferences,
+        errors: 0,
+        latency_p95_us: Some(inferences),
+        accelerator_fallback: false,
+        backend: "tract".into(),
+        at: inferences as i64,
+    };
+    let reports = vec![h("a", 1, 10), h("a", 2, 5), h("a", 1, 11), h("b", 1, 3), h("a", 2, 7)];
+    s.set_health_many(&fold_health(reports)).await.unwrap();
+    let rows = s.health("m").await.unwrap();
+    let got: Vec<(String, u64, u64)> = rows.iter().map(|r| (r.device.clone(), r.version, r.inferences)).collect();
+    assert_eq!(got, vec![("a".into(), 2, 7), ("a".into(), 1, 11), ("b".into(), 1, 3)]);
 }
 
 fn step<'a>(state: &'a str, offers: &'a [String], now: i64) -> RolloutStep<'a> {

@@ -101,6 +101,71 @@ pub struct EventRow {
     pub body: String,
 }
 
+/// A state message to record ([`DeviceStore::device_states`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    pub device: String,
+    pub online: bool,
+    /// None (a last will) keeps the models as they were.
+    pub models: Option<Vec<ModelRecord>>,
+    pub at: i64,
+}
+
+/// A health report to record ([`DeviceStore::set_health_many`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthUpdate {
+    pub device: String,
+    pub model: String,
+    pub version: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_p95_us: Option<u64>,
+    pub accelerator_fallback: bool,
+    pub backend: String,
+    pub at: i64,
+}
+
+/// Fold state messages, in the order they arrived, into one per device with the same outcome
+/// as applying them one by one: the latest `online` and time, the latest models any carried.
+pub fn fold_states(updates: Vec<StateUpdate>) -> Vec<StateUpdate> {
+    let mut out: Vec<StateUpdate> = Vec::with_capacity(updates.len());
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for u in updates {
+        match at.get(&u.device) {
+            Some(&i) => {
+                let prev = &mut out[i];
+                prev.online = u.online;
+                prev.at = u.at;
+                if u.models.is_some() {
+                    prev.models = u.models;
+                }
+            }
+            None => {
+                at.insert(u.device.clone(), out.len());
+                out.push(u);
+            }
+        }
+    }
+    out
+}
+
+/// Keep the latest health report per (device, model, version), in arrival order.
+pub fn fold_health(updates: Vec<HealthUpdate>) -> Vec<HealthUpdate> {
+    let mut out: Vec<HealthUpdate> = Vec::with_capacity(updates.len());
+    let mut at: std::collections::HashMap<(String, String, u64), usize> = std::collections::HashMap::new();
+    for u in updates {
+        let key = (u.device.clone(), u.model.clone(), u.version);
+        match at.get(&key) {
+            Some(&i) => out[i] = u,
+            None => {
+                at.insert(key, out.len());
+                out.push(u);
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthRow {
     pub device: String,
@@ -125,7 +190,16 @@ pub trait DeviceStore: Send + Sync {
         online: bool,
         models: Option<&[ModelRecord]>,
         now: i64,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<()> {
+        let u = StateUpdate { device: id.into(), online, models: models.map(|m| m.to_vec()), at: now };
+        self.device_states(&[u]).await
+    }
+
+    /// Record state messages in one transaction, at most one per device (see [`fold_states`]).
+    async fn device_states(&self, updates: &[StateUpdate]) -> anyhow::Result<()>;
+
+    /// How many devices are registered, and how many of them are online.
+    async fn device_counts(&self) -> anyhow::Result<(u64, u64)>;
 
     /// Every device, by id.
     async fn devices(&self) -> anyhow::Result<Vec<DeviceRow>>;
@@ -150,7 +224,24 @@ pub trait DeviceStore: Send + Sync {
         accelerator_fallback: bool,
         backend: &str,
         at: i64,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<()> {
+        let u = HealthUpdate {
+            device: device.into(),
+            model: model.into(),
+            version,
+            inferences,
+            errors,
+            latency_p95_us,
+            accelerator_fallback,
+            backend: backend.into(),
+            at,
+        };
+        self.set_health_many(&[u]).await
+    }
+
+    /// Record health reports in one transaction, at most one per (device, model, version) (see
+    /// [`fold_health`]).
+    async fn set_health_many(&self, updates: &[HealthUpdate]) -> anyhow::Result<()>;
 
     /// Every device's latest health for each version of a model, newest version first per device.
     async fn health(&self, model: &str) -> anyhow::Result<Vec<HealthRow>>;

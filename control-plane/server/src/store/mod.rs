@@ -23,7 +23,10 @@ pub mod conformance;
 pub use auth::{AuthStore, TokenRow};
 pub use bundles::{BundleRow, BundleStore};
 pub use certs::{CertStore, ClaimTokenRow, DeviceCertRow};
-pub use devices::{DeviceRow, DeviceStore, EventRow, HealthRow, HelloRecord, ModelRecord};
+pub use devices::{
+    DeviceRow, DeviceStore, EventRow, HealthRow, HealthUpdate, HelloRecord, ModelRecord, StateUpdate, fold_health,
+    fold_states,
+};
 pub use drift::{AlertRow, DriftReportRow, DriftStore, OpenDriftWindow};
 pub use leases::{LeaseRow, LeaseStore};
 pub use retrain::{JobRow, RetrainStore};

@@ -66,7 +66,12 @@ pub trait RolloutStore: Send + Sync {
 
     async fn rollout_devices(&self, rollout_id: &str) -> anyhow::Result<Vec<RolloutDeviceRow>>;
 
-    async fn mark_offered(&self, offer_id: &str, now: i64) -> anyhow::Result<()>;
+    async fn mark_offered(&self, offer_id: &str, now: i64) -> anyhow::Result<()> {
+        self.mark_offered_many(&[offer_id.to_string()], now).await
+    }
+
+    /// [`RolloutStore::mark_offered`] for many offers, in one transaction.
+    async fn mark_offered_many(&self, offer_ids: &[String], now: i64) -> anyhow::Result<()>;
 
     /// Re-offer soon: the device reconnected, so an offer it may have missed is sent again.
     async fn reoffer_device(&self, device_id: &str) -> anyhow::Result<()>;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::service::rollouts::{device_view, engine_of};
 use crate::service::{Fleet, drift, tokens};
-use crate::store::{BundleRow, RolloutStep};
+use crate::store::{BundleRow, DeviceRow, RolloutStep};
 use crate::util::now_s;
 
 /// An offer not answered for this long is sent again (it is idempotent on the device).
@@ -21,8 +21,19 @@ const REOFFER_AFTER_S: i64 = 60;
 
 pub async fn run(shared: Arc<Fleet>, cancel: CancellationToken) {
     loop {
+        let started = std::time::Instant::now();
         if let Err(e) = step(&shared).await {
             tracing::warn!(error = %format!("{e:#}"), "rollout driver step failed");
+        }
+        // Wake-ups come with every health report and event; on a large fleet a step reads the
+        // whole registry, so steps are spaced by at least their own length (at most half of a
+        // core), however often they are woken.
+        let took = started.elapsed();
+        if took > Duration::from_millis(20) {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(took) => {}
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -38,9 +49,13 @@ pub async fn run(shared: Arc<Fleet>, cancel: CancellationToken) {
 async fn observations(s: &Fleet, bundle: &BundleRow) -> anyhow::Result<Observations> {
     let mut obs = Observations::default();
     let rows = s.store.health(&bundle.name).await?;
+    // Each device's p95 on its newest older version (rows come newest version first per device).
+    let mut older: HashMap<&str, Option<u64>> = HashMap::new();
+    for r in rows.iter().filter(|r| r.version < bundle.version) {
+        older.entry(r.device.as_str()).or_insert(r.latency_p95_us);
+    }
     for h in rows.iter().filter(|h| h.version == bundle.version) {
-        let prev =
-            rows.iter().find(|r| r.device == h.device && r.version < bundle.version).and_then(|r| r.latency_p95_us);
+        let prev = older.get(h.device.as_str()).copied().flatten();
         obs.health.push(flotilla_rollout::Health {
             device: h.device.clone(),
             inferences: h.inferences,
@@ -77,8 +92,13 @@ async fn observations(s: &Fleet, bundle: &BundleRow) -> anyhow::Result<Observati
 
 async fn step(s: &Fleet) -> anyhow::Result<()> {
     let now = now_s();
+    let rollouts = s.store.active_rollouts().await?;
+    if rollouts.is_empty() {
+        return Ok(());
+    }
     let devices = s.store.devices().await?;
-    for rollout in s.store.active_rollouts().await? {
+    let by_id: HashMap<&str, &DeviceRow> = devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    for rollout in rollouts {
         // One replica at a time drives a rollout; the others leave it alone while its lease runs.
         if !s.lease(&format!("rollout/{}", rollout.id)).await? {
             continue;
@@ -129,16 +149,25 @@ async fn step(s: &Fleet) -> anyhow::Result<()> {
             }
         }
         if next.phase == Phase::Running {
-            send_offers(s, &rollout.id, &bundle, now).await?;
+            send_offers(s, &rollout.id, &bundle, &by_id, now).await?;
         }
     }
     Ok(())
 }
 
 /// Offers (and re-offers, when unanswered) the bundle to the rollout's devices.
-async fn send_offers(s: &Fleet, rollout_id: &str, bundle: &BundleRow, now: i64) -> anyhow::Result<()> {
+/// The devices' registry rows are those the step read.
+async fn send_offers(
+    s: &Fleet,
+    rollout_id: &str,
+    bundle: &BundleRow,
+    devices: &HashMap<&str, &DeviceRow>,
+    now: i64,
+) -> anyhow::Result<()> {
     let delta_bases = delta_bases(&bundle.head);
-    for rd in s.store.rollout_devices(rollout_id).await? {
+    let mut offered = Vec::new();
+    let sent = async {
+        for rd in s.store.rollout_devices(rollout_id).await? {
         if matches!(rd.state.as_str(), "succeeded" | "failed") {
             continue;
         }
@@ -146,7 +175,7 @@ async fn send_offers(s: &Fleet, rollout_id: &str, bundle: &BundleRow, now: i64) 
         if !due {
             continue;
         }
-        let Some(device) = s.store.device(&rd.device_id).await?.filter(|d| d.online) else { continue };
+        let Some(device) = devices.get(rd.device_id.as_str()).filter(|d| d.online) else { continue };
         // Offer the patches only to a device that reported holding every base they need.
         let delta = !delta_bases.is_empty()
             && delta_bases.iter().all(|b| device.models.iter().any(|m| m.model_sha256.as_deref() == Some(b)));
@@ -166,10 +195,18 @@ async fn send_offers(s: &Fleet, rollout_id: &str, bundle: &BundleRow, now: i64) 
             delta,
         };
         s.bus.send(&rd.device_id, Command::Install(offer)).await?;
-        s.store.mark_offered(&rd.offer_id, now).await?;
-        tracing::info!(rollout = %rollout_id, device = %rd.device_id, bundle = %format!("{}@{}", bundle.name, bundle.version), delta, "offered");
+        offered.push(rd.offer_id.clone());
+        tracing::debug!(rollout = %rollout_id, device = %rd.device_id, bundle = %format!("{}@{}", bundle.name, bundle.version), delta, "offered");
     }
-    Ok(())
+    anyhow::Ok(())
+    }
+    .await;
+    // What was sent is recorded even when a later send failed (one transaction for the lot).
+    if !offered.is_empty() {
+        s.store.mark_offered_many(&offered, now).await?;
+        tracing::info!(rollout = %rollout_id, offers = offered.len(), "offered");
+    }
+    sent
 }
 
 /// The base content digests a bundle's delta artifacts were made against (empty: not a delta).

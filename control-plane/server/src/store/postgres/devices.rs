@@ -2,7 +2,9 @@ use async_trait::async_trait;
 use flotilla_proto::tags::Tags;
 
 use super::{DEVICE_COLUMNS, Postgres, big, device_row, execute, parse, query, query_opt, unsigned};
-use crate::store::{DeviceRow, DeviceStore, EventRow, HealthRow, HelloRecord, ModelRecord};
+use crate::store::{
+    DeviceRow, DeviceStore, EventRow, HealthRow, HealthUpdate, HelloRecord, StateUpdate, fold_health, fold_states,
+};
 
 #[async_trait]
 impl DeviceStore for Postgres {
@@ -22,25 +24,48 @@ impl DeviceStore for Postgres {
         .await
     }
 
-    async fn device_state(
-        &self,
-        id: &str,
-        online: bool,
-        models: Option<&[ModelRecord]>,
-        now: i64,
-    ) -> anyhow::Result<()> {
-        let models_json = models.map(serde_json::to_string).transpose()?;
-        let online = i64::from(online);
-        self.with(|c| async move {
-            execute(
-                &c,
-                "INSERT INTO devices (id, online, last_seen, models) VALUES ($1, $2, $3, COALESCE($4::TEXT, '[]'))
-                 ON CONFLICT (id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen,
-                 models = COALESCE($4::TEXT, devices.models)",
-                &[&id, &online, &now, &models_json],
-            )
-            .await?;
+    async fn device_states(&self, updates: &[StateUpdate]) -> anyhow::Result<()> {
+        // Two statements for the batch, in one transaction: devices whose models the batch
+        // sets, and devices it only marks (a last will keeps their models). A row may be
+        // affected once per statement, hence one update per device.
+        #[derive(Default)]
+        struct Cols {
+            ids: Vec<String>,
+            online: Vec<i64>,
+            at: Vec<i64>,
+            models: Vec<String>,
+        }
+        let (mut set, mut keep) = (Cols::default(), Cols::default());
+        for u in fold_states(updates.to_vec()) {
+            let c = if u.models.is_some() { &mut set } else { &mut keep };
+            c.ids.push(u.device);
+            c.online.push(i64::from(u.online));
+            c.at.push(u.at);
+            c.models.push(serde_json::to_string(u.models.as_deref().unwrap_or_default())?);
+        }
+        self.with(|mut c| async move {
+            let tx = c.transaction().await?;
+            const ROWS: &str = "INSERT INTO devices (id, online, last_seen, models)
+                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[])
+                 ON CONFLICT (id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen";
+            if !set.ids.is_empty() {
+                let sql = format!("{ROWS}, models = excluded.models");
+                tx.execute(&sql, &[&set.ids, &set.online, &set.at, &set.models]).await?;
+            }
+            if !keep.ids.is_empty() {
+                tx.execute(ROWS, &[&keep.ids, &keep.online, &keep.at, &keep.models]).await?;
+            }
+            tx.commit().await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn device_counts(&self) -> anyhow::Result<(u64, u64)> {
+        self.with(|c| async move {
+            let row =
+                c.query_one("SELECT COUNT(*)::BIGINT, COALESCE(SUM(online), 0)::BIGINT FROM devices", &[]).await?;
+            Ok((unsigned(row.get(0))?, unsigned(row.get(1))?))
         })
         .await
     }
@@ -99,27 +124,32 @@ impl DeviceStore for Postgres {
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn set_health(
-        &self,
-        device: &str,
-        model: &str,
-        version: u64,
-        inferences: u64,
-        errors: u64,
-        latency_p95_us: Option<u64>,
-        accelerator_fallback: bool,
-        backend: &str,
-        at: i64,
-    ) -> anyhow::Result<()> {
-        let (version, inferences, errors) = (big(version)?, big(inferences)?, big(errors)?);
-        let latency = latency_p95_us.map(big).transpose()?;
-        let fallback = i64::from(accelerator_fallback);
+    async fn set_health_many(&self, updates: &[HealthUpdate]) -> anyhow::Result<()> {
+        let updates = fold_health(updates.to_vec());
+        let n = updates.len();
+        let (mut device, mut model, mut version) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut inferences, mut errors, mut latency) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut fallback, mut backend, mut at) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for u in updates {
+            device.push(u.device);
+            model.push(u.model);
+            version.push(big(u.version)?);
+            inferences.push(big(u.inferences)?);
+            errors.push(big(u.errors)?);
+            latency.push(u.latency_p95_us.map(big).transpose()?);
+            fallback.push(i64::from(u.accelerator_fallback));
+            backend.push(u.backend);
+            at.push(u.at);
+        }
         self.with(|c| async move {
             execute(
                 &c,
                 "INSERT INTO health (device_id, model, version, inferences, errors, latency_p95_us,
-                 accelerator_fallback, backend, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 accelerator_fallback, backend, at)
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
+                 $7::BIGINT[], $8::TEXT[], $9::BIGINT[])
                  ON CONFLICT (device_id, model, version) DO UPDATE SET inferences = excluded.inferences,
                  errors = excluded.errors, latency_p95_us = excluded.latency_p95_us,
                  accelerator_fallback = excluded.accelerator_fallback, backend = excluded.backend, at = excluded.at",

@@ -92,13 +92,13 @@ impl RolloutStore for Postgres {
         .await
     }
 
-    async fn mark_offered(&self, offer_id: &str, now: i64) -> anyhow::Result<()> {
+    async fn mark_offered_many(&self, offer_ids: &[String], now: i64) -> anyhow::Result<()> {
         self.with(|c| async move {
             execute(
                 &c,
                 "UPDATE rollout_devices SET state = CASE WHEN state = 'pending' THEN 'offered' ELSE state END,
-                 offered_at = $2, updated = $2 WHERE offer_id = $1",
-                &[&offer_id, &now],
+                 offered_at = $2, updated = $2 WHERE offer_id = ANY($1)",
+                &[&offer_ids, &now],
             )
             .await?;
             Ok(())

@@ -5,7 +5,7 @@ use super::Sqlite;
 use flotilla_proto::tags::Tags;
 
 use super::device_row;
-use crate::store::{DeviceRow, DeviceStore, EventRow, HealthRow, HelloRecord, ModelRecord};
+use crate::store::{DeviceRow, DeviceStore, EventRow, HealthRow, HealthUpdate, HelloRecord, StateUpdate};
 
 #[async_trait]
 impl DeviceStore for Sqlite {
@@ -21,22 +21,32 @@ impl DeviceStore for Sqlite {
         Ok(())
     }
 
-    async fn device_state(
-        &self,
-        id: &str,
-        online: bool,
-        models: Option<&[ModelRecord]>,
-        now: i64,
-    ) -> anyhow::Result<()> {
-        let models_json = models.map(serde_json::to_string).transpose()?;
+    async fn device_states(&self, updates: &[StateUpdate]) -> anyhow::Result<()> {
+        let rows: Vec<(&StateUpdate, Option<String>)> = updates
+            .iter()
+            .map(|u| Ok((u, u.models.as_ref().map(serde_json::to_string).transpose()?)))
+            .collect::<anyhow::Result<_>>()?;
         self.with(|c| {
-            c.execute(
-                "INSERT INTO devices (id, online, last_seen, models) VALUES (?1, ?2, ?3, COALESCE(?4, '[]'))
-                 ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, models = COALESCE(?4, devices.models)",
-                params![id, online, now, models_json],
-            )
-        })?;
-        Ok(())
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO devices (id, online, last_seen, models) VALUES (?1, ?2, ?3, COALESCE(?4, '[]'))
+                     ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, models = COALESCE(?4, devices.models)",
+                )?;
+                for (u, models) in &rows {
+                    st.execute(params![u.device, u.online, u.at, models])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    async fn device_counts(&self) -> anyhow::Result<(u64, u64)> {
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*), COALESCE(SUM(online), 0) FROM devices", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+        })
     }
 
     async fn devices(&self) -> anyhow::Result<Vec<DeviceRow>> {
@@ -86,39 +96,32 @@ impl DeviceStore for Sqlite {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn set_health(
-        &self,
-        device: &str,
-        model: &str,
-        version: u64,
-        inferences: u64,
-        errors: u64,
-        latency_p95_us: Option<u64>,
-        accelerator_fallback: bool,
-        backend: &str,
-        at: i64,
-    ) -> anyhow::Result<()> {
+    async fn set_health_many(&self, updates: &[HealthUpdate]) -> anyhow::Result<()> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO health (device_id, model, version, inferences, errors, latency_p95_us, accelerator_fallback, backend, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT(device_id, model, version) DO UPDATE SET inferences = ?4, errors = ?5,
-                 latency_p95_us = ?6, accelerator_fallback = ?7, backend = ?8, at = ?9",
-                params![
-                    device,
-                    model,
-                    version as i64,
-                    inferences as i64,
-                    errors as i64,
-                    latency_p95_us.map(|v| v as i64),
-                    accelerator_fallback,
-                    backend,
-                    at
-                ],
-            )
-        })?;
-        Ok(())
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO health (device_id, model, version, inferences, errors, latency_p95_us, accelerator_fallback, backend, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(device_id, model, version) DO UPDATE SET inferences = ?4, errors = ?5,
+                     latency_p95_us = ?6, accelerator_fallback = ?7, backend = ?8, at = ?9",
+                )?;
+                for u in updates {
+                    st.execute(params![
+                        u.device,
+                        u.model,
+                        u.version as i64,
+                        u.inferences as i64,
+                        u.errors as i64,
+                        u.latency_p95_us.map(|v| v as i64),
+                        u.accelerator_fallback,
+                        u.backend,
+                        u.at
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
     }
 
     async fn health(&self, model: &str) -> anyhow::Result<Vec<HealthRow>> {

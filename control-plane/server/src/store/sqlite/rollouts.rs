@@ -77,15 +77,20 @@ impl RolloutStore for Sqlite {
         })
     }
 
-    async fn mark_offered(&self, offer_id: &str, now: i64) -> anyhow::Result<()> {
+    async fn mark_offered_many(&self, offer_ids: &[String], now: i64) -> anyhow::Result<()> {
         self.with(|c| {
-            c.execute(
-                "UPDATE rollout_devices SET state = CASE WHEN state = 'pending' THEN 'offered' ELSE state END,
-                 offered_at = ?2, updated = ?2 WHERE offer_id = ?1",
-                params![offer_id, now],
-            )
-        })?;
-        Ok(())
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE rollout_devices SET state = CASE WHEN state = 'pending' THEN 'offered' ELSE state END,
+                     offered_at = ?2, updated = ?2 WHERE offer_id = ?1",
+                )?;
+                for id in offer_ids {
+                    st.execute(params![id, now])?;
+                }
+            }
+            tx.commit()
+        })
     }
 
     async fn reoffer_device(&self, device_id: &str) -> anyhow::Result<()> {
